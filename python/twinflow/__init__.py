@@ -1,0 +1,12 @@
+"""twinflow: one- and few-step generation for flow-matching models.
+
+The sampler math runs in a Rust core on libtorch (``twinflow._core``).
+"""
+
+# torch must be imported first: it loads libtorch (and libtorch_python) that the
+# native module links against.
+import torch  # noqa: F401
+
+from ._core import UnifiedSampler, __version__, ucgm_step
+
+__all__ = ["UnifiedSampler", "ucgm_step", "__version__"]
