@@ -8,12 +8,15 @@ pub mod error;
 pub mod fused;
 pub mod grid;
 pub mod pool;
+pub mod rng;
 pub mod sampler;
 pub mod step;
+pub mod train;
 
 #[cfg(feature = "python")]
 mod python;
 
 pub use config::{SamplerConfig, SamplingStyle, StochastRatio};
 pub use error::{Error, Result};
-pub use sampler::{GlobalNoise, NoiseSource, Sampler, VelocityModel};
+pub use rng::{GlobalRng, Rng};
+pub use sampler::{Sampler, VelocityModel};

@@ -1,4 +1,4 @@
-//! The UnifiedSampler loop (SPEC §2) over a [`VelocityModel`] and a [`NoiseSource`].
+//! The UnifiedSampler loop (SPEC §2) over a [`VelocityModel`] and an [`Rng`].
 
 use tch::{Kind, Tensor};
 
@@ -6,25 +6,12 @@ use crate::config::SamplerConfig;
 use crate::error::{Error, Result};
 use crate::fused::Mix;
 use crate::grid::time_grid;
+use crate::rng::Rng;
 use crate::step::{self, empty_like, MixBuffers};
 
 /// A velocity field `F = model(x_t, t, tt)`; `t` and `tt` have shape [B] in x's kind and device.
 pub trait VelocityModel {
     fn velocity(&mut self, x: &Tensor, t: &Tensor, tt: &Tensor) -> Result<Tensor>;
-}
-
-/// Where the stochastic steps' ε come from (one draw shaped like `x` per call).
-pub trait NoiseSource {
-    fn randn_like(&mut self, x: &Tensor) -> Result<Tensor>;
-}
-
-/// libtorch's global generator (`tch::manual_seed` seeds it).
-pub struct GlobalNoise;
-
-impl NoiseSource for GlobalNoise {
-    fn randn_like(&mut self, x: &Tensor) -> Result<Tensor> {
-        Ok(Tensor::f_randn(x.size(), (x.f_kind()?, x.device()))?)
-    }
 }
 
 /// A validated configuration with its time grid.
@@ -73,7 +60,7 @@ impl Sampler {
     pub fn sample(
         &self,
         model: &mut dyn VelocityModel,
-        rng: &mut dyn NoiseSource,
+        rng: &mut dyn Rng,
         noise: &Tensor,
         trajectory: bool,
     ) -> Result<Tensor> {
@@ -112,7 +99,7 @@ impl Sampler {
             let (t_c, t_n) = (self.grid[i], self.grid[i + 1]);
             let f = call(&x, t_c, style.target(t_c, t_n))?;
             let s = cfg.stochast_ratio.at(t_c, t_n);
-            let eps = if s > 0.0 { Some(rng.randn_like(&x)?) } else { None };
+            let eps = if s > 0.0 { Some(rng.randn(&shape, (kind, device))?) } else { None };
             let xh_row = row(i + 1)?;
 
             if i + 1 == n {
@@ -200,6 +187,7 @@ fn checked_output(f: Tensor, shape: &[i64], kind: Kind, device: tch::Device) -> 
 mod tests {
     use super::*;
     use crate::config::{SamplingStyle, StochastRatio};
+    use crate::rng::GlobalRng;
     use tch::Device;
 
     /// Data concentrated at one point μ: the exact velocity is (x_t − μ)/t, so every
@@ -228,10 +216,13 @@ mod tests {
 
     /// Deterministic pseudo-noise (tests run in parallel and would race on the global RNG).
     struct Counting(usize);
-    impl NoiseSource for Counting {
-        fn randn_like(&mut self, x: &Tensor) -> Result<Tensor> {
+    impl Rng for Counting {
+        fn rand(&mut self, _: &[i64], _: (Kind, Device)) -> Result<Tensor> {
+            unreachable!("the sampler draws only normals")
+        }
+        fn randn(&mut self, shape: &[i64], opts: (Kind, Device)) -> Result<Tensor> {
             self.0 += 1;
-            let i = Tensor::arange(x.numel() as i64, (x.kind(), x.device())).view(x.size().as_slice());
+            let i = Tensor::arange(shape.iter().product::<i64>(), opts).view(shape);
             Ok((i * (0.37 + self.0 as f64)).sin() * 1.5)
         }
     }
@@ -268,7 +259,7 @@ mod tests {
         for cfg in all_modes() {
             let sampler = Sampler::new(cfg.clone()).unwrap();
             let mut m = PointMass { mu: 1.5, calls: vec![] };
-            let x = sampler.sample(&mut m, &mut GlobalNoise, &noise(Kind::Double), false).unwrap();
+            let x = sampler.sample(&mut m, &mut GlobalRng, &noise(Kind::Double), false).unwrap();
             let err = (x - 1.5).abs().max().double_value(&[]);
             assert!(err < 1e-12, "{cfg:?}: {err}");
             assert_eq!(m.calls.len(), cfg.nfe(), "{cfg:?}");
@@ -282,7 +273,7 @@ mod tests {
             let sampler = Sampler::new(cfg).unwrap();
             let g = sampler.timesteps().to_vec();
             let mut m = PointMass { mu: 0.0, calls: vec![] };
-            let _ = sampler.sample(&mut m, &mut GlobalNoise, &noise(Kind::Double), false).unwrap();
+            let _ = sampler.sample(&mut m, &mut GlobalRng, &noise(Kind::Double), false).unwrap();
             let mut want = vec![];
             for i in 0..g.len() - 1 {
                 want.push((g[i], style.target(g[i], g[i + 1])));
@@ -299,7 +290,7 @@ mod tests {
         let cfg = SamplerConfig { sampling_steps: 5, ..Default::default() };
         let sampler = Sampler::new(cfg).unwrap();
         let z = noise(Kind::Double);
-        let traj = sampler.sample(&mut Wavy, &mut GlobalNoise, &z, true).unwrap();
+        let traj = sampler.sample(&mut Wavy, &mut GlobalRng, &z, true).unwrap();
         assert_eq!(traj.size(), vec![6, 5, 3]);
         assert_eq!((traj.get(0) - &z).abs().max().double_value(&[]), 0.0);
         let g = sampler.timesteps();
@@ -311,7 +302,7 @@ mod tests {
             assert!((traj.get(i as i64 + 1) - &xh).abs().max().double_value(&[]) < 1e-13);
             x = &x - &f * (g[i] - g[i + 1]);
         }
-        let last = sampler.sample(&mut Wavy, &mut GlobalNoise, &z, false).unwrap();
+        let last = sampler.sample(&mut Wavy, &mut GlobalRng, &z, false).unwrap();
         assert!((last - traj.get(5)).abs().max().double_value(&[]) < 1e-15);
     }
 
@@ -347,11 +338,11 @@ mod tests {
             }
         }
         let sampler = Sampler::new(SamplerConfig::default()).unwrap();
-        let err = sampler.sample(&mut Wrong, &mut GlobalNoise, &noise(Kind::Float), false).unwrap_err();
+        let err = sampler.sample(&mut Wrong, &mut GlobalRng, &noise(Kind::Float), false).unwrap_err();
         assert!(matches!(&err, Error::Value(m) if m.contains("shape")), "{err}");
         let ints = Tensor::zeros([2, 2], (Kind::Int64, Device::Cpu));
-        assert!(matches!(sampler.sample(&mut Wavy, &mut GlobalNoise, &ints, false), Err(Error::Type(_))));
+        assert!(matches!(sampler.sample(&mut Wavy, &mut GlobalRng, &ints, false), Err(Error::Type(_))));
         let scalar = Tensor::scalar_tensor(1.0, (Kind::Float, Device::Cpu));
-        assert!(matches!(sampler.sample(&mut Wavy, &mut GlobalNoise, &scalar, false), Err(Error::Value(_))));
+        assert!(matches!(sampler.sample(&mut Wavy, &mut GlobalRng, &scalar, false), Err(Error::Value(_))));
     }
 }

@@ -1,69 +1,17 @@
-//! PyO3 bindings: convert and validate Python arguments, call into the core, map errors.
-//! No algorithm lives here.
+//! `UnifiedSampler` and `ucgm_step`.
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString, PyTuple};
+use pyo3::types::{PyDict, PyString};
 use pyo3_tch::PyTensor;
 use tch::{Kind, Tensor};
 
+use super::args::{float_arg, floats_arg, int_arg, tensor_arg, to_pyerr, type_name};
+use super::callbacks::{PyModel, PyRng};
 use crate::config::{SamplerConfig, SamplingStyle, StochastRatio};
 use crate::error::Error;
-use crate::sampler::{is_float, NoiseSource, Sampler, VelocityModel};
-use crate::{pool, step};
-
-fn to_pyerr(e: Error) -> PyErr {
-    match e {
-        Error::Config { .. } | Error::Value(_) => PyValueError::new_err(e.to_string()),
-        Error::Type(m) => PyTypeError::new_err(m),
-        Error::Callback(_) | Error::Torch(_) => PyRuntimeError::new_err(e.to_string()),
-    }
-}
-
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
-}
-
-// ---------------------------------------------------------------- argument parsing
-
-fn tensor_arg(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<Tensor> {
-    obj.extract::<PyTensor>()
-        .map(|t| t.0)
-        .map_err(|_| PyTypeError::new_err(format!("{field} must be a torch.Tensor, got {}", type_name(obj))))
-}
-
-fn float_arg(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {
-    if obj.is_instance_of::<PyBool>() || !(obj.is_instance_of::<PyFloat>() || obj.is_instance_of::<PyInt>()) {
-        return Err(PyTypeError::new_err(format!("{field} must be a number, got {}", type_name(obj))));
-    }
-    obj.extract::<f64>()
-}
-
-fn int_arg(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<i64> {
-    if obj.is_instance_of::<PyBool>() || !obj.is_instance_of::<PyInt>() {
-        return Err(PyTypeError::new_err(format!("{field} must be an int, got {}", type_name(obj))));
-    }
-    obj.extract::<i64>()
-        .map_err(|_| PyValueError::new_err(format!("{field}: out of range")))
-}
-
-fn floats_arg<const N: usize>(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<[f64; N]> {
-    let items: Vec<Bound<'_, PyAny>> = if obj.is_instance_of::<PyString>() {
-        vec![]
-    } else {
-        obj.try_iter()
-            .and_then(|it| it.collect::<PyResult<Vec<_>>>())
-            .map_err(|_| PyTypeError::new_err(format!("{field} must be a sequence of {N} numbers, got {}", type_name(obj))))?
-    };
-    if items.len() != N {
-        return Err(PyValueError::new_err(format!("{field}: expected {N} values, got {}", items.len())));
-    }
-    let mut out = [0.0; N];
-    for (o, it) in out.iter_mut().zip(&items) {
-        *o = float_arg(it, field)?;
-    }
-    Ok(out)
-}
+use crate::sampler::{is_float, Sampler};
+use crate::step;
 
 const SETTINGS: [&str; 7] = [
     "sampling_steps",
@@ -119,79 +67,10 @@ fn set_field(cfg: &mut SamplerConfig, key: &str, v: &Bound<'_, PyAny>) -> PyResu
     Ok(())
 }
 
-// ---------------------------------------------------------------- callbacks
-
-/// Calls the user's `model(x_t, t=t, tt=tt, **kwargs)`; keeps the Python error for re-raising.
-struct PyModel {
-    model: Py<PyAny>,
-    kwargs: Option<Py<PyDict>>,
-    progress: Option<Py<PyAny>>,
-    err: Option<PyErr>,
-}
-
-impl PyModel {
-    fn call(&self, py: Python<'_>, x: &Tensor, t: &Tensor, tt: &Tensor) -> PyResult<Tensor> {
-        let kwargs = match &self.kwargs {
-            Some(k) => k.bind(py).copy()?,
-            None => PyDict::new(py),
-        };
-        kwargs.set_item("t", PyTensor(t.shallow_clone()).into_pyobject(py)?)?;
-        kwargs.set_item("tt", PyTensor(tt.shallow_clone()).into_pyobject(py)?)?;
-        let x = PyTensor(x.shallow_clone()).into_pyobject(py)?;
-        let out = self.model.bind(py).call((x,), Some(&kwargs))?;
-        let f = out.extract::<PyTensor>().map_err(|_| {
-            PyTypeError::new_err(format!("model must return a torch.Tensor, got {}", type_name(&out)))
-        })?;
-        if let Some(p) = &self.progress {
-            p.bind(py).call_method1("update", (1,))?;
-        }
-        Ok(f.0)
-    }
-}
-
-impl VelocityModel for PyModel {
-    fn velocity(&mut self, x: &Tensor, t: &Tensor, tt: &Tensor) -> crate::Result<Tensor> {
-        Python::with_gil(|py| self.call(py, x, t, tt)).map_err(|e| {
-            self.err = Some(e);
-            Error::Callback("model".into())
-        })
-    }
-}
-
-/// ε = torch.randn(shape, generator=g, dtype=noise.dtype, device=noise.device): the same
-/// draws as a plain PyTorch loop with the same generator.
-struct PyNoise {
-    generator: Option<Py<PyAny>>,
-    dtype: Py<PyAny>,
-    device: Py<PyAny>,
-    err: Option<PyErr>,
-}
-
-impl PyNoise {
-    fn draw(&self, py: Python<'_>, shape: Vec<i64>) -> PyResult<Tensor> {
-        let kw = PyDict::new(py);
-        kw.set_item("generator", self.generator.as_ref().map(|g| g.bind(py)))?;
-        kw.set_item("dtype", self.dtype.bind(py))?;
-        kw.set_item("device", self.device.bind(py))?;
-        let e = py.import("torch")?.call_method("randn", (PyTuple::new(py, shape)?,), Some(&kw))?;
-        Ok(e.extract::<PyTensor>()?.0)
-    }
-}
-
-impl NoiseSource for PyNoise {
-    fn randn_like(&mut self, x: &Tensor) -> crate::Result<Tensor> {
-        Python::with_gil(|py| self.draw(py, x.size())).map_err(|e| {
-            self.err = Some(e);
-            Error::Callback("noise".into())
-        })
-    }
-}
-
-// ---------------------------------------------------------------- UnifiedSampler
 
 /// UCGM unified sampler (SPEC §2). See the package docs for the parameters.
 #[pyclass(name = "UnifiedSampler", module = "twinflow")]
-struct PySampler {
+pub struct PySampler {
     inner: Sampler,
 }
 
@@ -232,12 +111,7 @@ impl PySampler {
             progress: pbar.as_ref().map(|p| p.clone_ref(py)),
             err: None,
         };
-        let mut rng = PyNoise {
-            generator: generator.filter(|g| !g.is_none()).map(|g| g.unbind()),
-            dtype: noise.getattr("dtype")?.unbind(),
-            device: noise.getattr("device")?.unbind(),
-            err: None,
-        };
+        let mut rng = PyRng::new(generator);
         // Tensors are Send but not Sync: move owned handles in and the callbacks back out.
         let (res, m, rng) = py.allow_threads(move || {
             let res = sampler.sample(&mut m, &mut rng, &x0, trajectory);
@@ -447,7 +321,7 @@ fn byte_range(t: &Tensor) -> (usize, usize) {
 #[pyfunction]
 #[pyo3(signature = (x, velocity, t_cur, t_next, stochast_ratio=None, noise=None, out=None))]
 #[allow(clippy::too_many_arguments)]
-fn ucgm_step(
+pub fn ucgm_step(
     py: Python<'_>,
     x: &Bound<'_, PyAny>,
     velocity: &Bound<'_, PyAny>,
@@ -519,28 +393,4 @@ fn ucgm_step(
         Some(o) if has_out => Ok(o.clone().unbind()),
         _ => Ok(PyTensor(y).into_pyobject(py)?.unbind()),
     }
-}
-
-/// Choose the thread pool of the fused CPU kernels: "openmp" (libtorch's pool, the default)
-/// or "rayon". Returns the previous choice.
-#[pyfunction]
-fn set_cpu_pool(name: &str) -> PyResult<&'static str> {
-    let new = match name.to_ascii_lowercase().as_str() {
-        "openmp" => pool::Pool::OpenMp,
-        "rayon" => pool::Pool::Rayon,
-        _ => return Err(PyValueError::new_err(format!("pool: expected \"openmp\" or \"rayon\", got {name:?}"))),
-    };
-    let old = pool::pool();
-    pool::set_pool(new);
-    Ok(if old == pool::Pool::OpenMp { "openmp" } else { "rayon" })
-}
-
-#[pymodule]
-#[pyo3(name = "_core")]
-fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PySampler>()?;
-    m.add_function(wrap_pyfunction!(ucgm_step, m)?)?;
-    m.add_function(wrap_pyfunction!(set_cpu_pool, m)?)?;
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    Ok(())
 }

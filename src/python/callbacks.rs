@@ -1,0 +1,91 @@
+//! Python callables behind the core's callback traits. Each keeps the first Python error so
+//! the binding can re-raise it unchanged after the (GIL-free) Rust loop returns.
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use pyo3_tch::PyTensor;
+use tch::{Device, Kind, Tensor};
+
+use super::args::{to_pyerr, type_name};
+use crate::error::Error;
+use crate::rng::Rng;
+use crate::sampler::VelocityModel;
+
+/// Calls the user's `model(x_t, t=t, tt=tt, **kwargs)`; keeps the Python error for re-raising.
+pub struct PyModel {
+    pub model: Py<PyAny>,
+    pub kwargs: Option<Py<PyDict>>,
+    pub progress: Option<Py<PyAny>>,
+    pub err: Option<PyErr>,
+}
+
+impl PyModel {
+    fn call(&self, py: Python<'_>, x: &Tensor, t: &Tensor, tt: &Tensor) -> PyResult<Tensor> {
+        let kwargs = match &self.kwargs {
+            Some(k) => k.bind(py).copy()?,
+            None => PyDict::new(py),
+        };
+        kwargs.set_item("t", PyTensor(t.shallow_clone()).into_pyobject(py)?)?;
+        kwargs.set_item("tt", PyTensor(tt.shallow_clone()).into_pyobject(py)?)?;
+        let x = PyTensor(x.shallow_clone()).into_pyobject(py)?;
+        let out = self.model.bind(py).call((x,), Some(&kwargs))?;
+        let f = out.extract::<PyTensor>().map_err(|_| {
+            PyTypeError::new_err(format!("model must return a torch.Tensor, got {}", type_name(&out)))
+        })?;
+        if let Some(p) = &self.progress {
+            p.bind(py).call_method1("update", (1,))?;
+        }
+        Ok(f.0)
+    }
+}
+
+impl VelocityModel for PyModel {
+    fn velocity(&mut self, x: &Tensor, t: &Tensor, tt: &Tensor) -> crate::Result<Tensor> {
+        Python::with_gil(|py| self.call(py, x, t, tt)).map_err(|e| {
+            self.err = Some(e);
+            Error::Callback("model".into())
+        })
+    }
+}
+
+/// Draws through `torch.rand`/`torch.randn(shape, generator=g, dtype=..., device=...)`: the
+/// same numbers as a plain PyTorch loop with the same generator (the global RNG when None).
+pub struct PyRng {
+    pub generator: Option<Py<PyAny>>,
+    pub err: Option<PyErr>,
+}
+
+impl PyRng {
+    pub fn new(generator: Option<Bound<'_, PyAny>>) -> Self {
+        Self { generator: generator.filter(|g| !g.is_none()).map(|g| g.unbind()), err: None }
+    }
+
+    fn draw(&self, py: Python<'_>, fun: &str, shape: &[i64], (kind, device): (Kind, Device)) -> PyResult<Tensor> {
+        // dtype and device objects come from an empty tensor of the wanted kind.
+        let proto = PyTensor(Tensor::f_empty([0], (kind, device)).map_err(|e| to_pyerr(e.into()))?).into_pyobject(py)?;
+        let kw = PyDict::new(py);
+        kw.set_item("generator", self.generator.as_ref().map(|g| g.bind(py)))?;
+        kw.set_item("dtype", proto.getattr("dtype")?)?;
+        kw.set_item("device", proto.getattr("device")?)?;
+        let e = py.import("torch")?.call_method(fun, (PyTuple::new(py, shape)?,), Some(&kw))?;
+        Ok(e.extract::<PyTensor>()?.0)
+    }
+
+    fn run(&mut self, fun: &str, shape: &[i64], opts: (Kind, Device)) -> crate::Result<Tensor> {
+        Python::with_gil(|py| self.draw(py, fun, shape, opts)).map_err(|e| {
+            self.err = Some(e);
+            Error::Callback("rng".into())
+        })
+    }
+}
+
+impl Rng for PyRng {
+    fn rand(&mut self, shape: &[i64], opts: (Kind, Device)) -> crate::Result<Tensor> {
+        self.run("rand", shape, opts)
+    }
+    fn randn(&mut self, shape: &[i64], opts: (Kind, Device)) -> crate::Result<Tensor> {
+        self.run("randn", shape, opts)
+    }
+}
+

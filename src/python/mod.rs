@@ -1,0 +1,35 @@
+//! PyO3 bindings: convert and validate Python arguments, call into the core, map errors.
+//! No algorithm lives here.
+
+mod args;
+mod callbacks;
+mod sampler;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::pool;
+
+/// Choose the thread pool of the fused CPU kernels: "openmp" (libtorch's pool, the default)
+/// or "rayon". Returns the previous choice.
+#[pyfunction]
+fn set_cpu_pool(name: &str) -> PyResult<&'static str> {
+    let new = match name.to_ascii_lowercase().as_str() {
+        "openmp" => pool::Pool::OpenMp,
+        "rayon" => pool::Pool::Rayon,
+        _ => return Err(PyValueError::new_err(format!("pool: expected \"openmp\" or \"rayon\", got {name:?}"))),
+    };
+    let old = pool::pool();
+    pool::set_pool(new);
+    Ok(if old == pool::Pool::OpenMp { "openmp" } else { "rayon" })
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<sampler::PySampler>()?;
+    m.add_function(wrap_pyfunction!(sampler::ucgm_step, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cpu_pool, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
