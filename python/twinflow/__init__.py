@@ -8,5 +8,6 @@ The sampler math runs in a Rust core on libtorch (``twinflow._core``).
 import torch  # noqa: F401
 
 from ._core import UnifiedSampler, __version__, ucgm_step
+from .losses import TwinFlowLoss
 
-__all__ = ["UnifiedSampler", "ucgm_step", "__version__"]
+__all__ = ["UnifiedSampler", "TwinFlowLoss", "ucgm_step", "__version__"]

@@ -3,7 +3,7 @@
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple};
 use pyo3_tch::PyTensor;
 use tch::{Device, Kind, Tensor};
 
@@ -11,6 +11,7 @@ use super::args::{to_pyerr, type_name};
 use crate::error::Error;
 use crate::rng::Rng;
 use crate::sampler::VelocityModel;
+use crate::train::{Call, CondKind, Net, TrainModel};
 
 /// Calls the user's `model(x_t, t=t, tt=tt, **kwargs)`; keeps the Python error for re-raising.
 pub struct PyModel {
@@ -89,3 +90,56 @@ impl Rng for PyRng {
     }
 }
 
+
+/// The user's model (and teacher) behind [`TrainModel`]: `net(x_t, t=t, tt=tt, c=rows_of_cond)`.
+pub struct PyTrainModel {
+    pub model: Py<PyAny>,
+    pub teacher: Option<Py<PyAny>>,
+    pub cond: Option<Vec<Tensor>>,
+    pub uncond: Option<Vec<Tensor>>,
+    pub err: Option<PyErr>,
+}
+
+impl PyTrainModel {
+    fn call_py(&self, py: Python<'_>, x: &Tensor, t: &Tensor, tt: &Tensor, call: &Call) -> PyResult<Tensor> {
+        let net = match (call.net, &self.teacher) {
+            (Net::Teacher, Some(teacher)) => teacher,
+            _ => &self.model,
+        };
+        let cond = match call.cond {
+            CondKind::Cond => &self.cond,
+            CondKind::Uncond => &self.uncond,
+        };
+        let c = match cond {
+            None => py.None().into_bound(py),
+            Some(list) => {
+                let len = call.rows.end - call.rows.start;
+                let items = list
+                    .iter()
+                    .map(|c| c.f_narrow(0, call.rows.start, len).map(PyTensor).map_err(|e| to_pyerr(e.into())))
+                    .collect::<PyResult<Vec<_>>>()?;
+                PyList::new(py, items)?.into_any()
+            }
+        };
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("t", PyTensor(t.shallow_clone()))?;
+        kwargs.set_item("tt", PyTensor(tt.shallow_clone()))?;
+        kwargs.set_item("c", c)?;
+        let out = net.bind(py).call((PyTensor(x.shallow_clone()),), Some(&kwargs))?;
+        let f = out.extract::<PyTensor>().map_err(|_| {
+            PyTypeError::new_err(format!("model must return a torch.Tensor, got {}", type_name(&out)))
+        })?;
+        Ok(f.0)
+    }
+}
+
+impl TrainModel for PyTrainModel {
+    fn call(&mut self, x: &Tensor, t: &Tensor, tt: &Tensor, call: &Call) -> crate::Result<Tensor> {
+        // Grad mode is thread-local in libtorch, so this guard also governs the Python call.
+        let _guard = (!call.grad).then(tch::no_grad_guard);
+        Python::with_gil(|py| self.call_py(py, x, t, tt, call)).map_err(|e| {
+            self.err = Some(e);
+            Error::Callback("model".into())
+        })
+    }
+}

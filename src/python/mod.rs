@@ -4,6 +4,7 @@
 mod args;
 mod callbacks;
 mod sampler;
+mod train;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -30,6 +31,11 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sampler::PySampler>()?;
     m.add_function(wrap_pyfunction!(sampler::ucgm_step, m)?)?;
     m.add_function(wrap_pyfunction!(set_cpu_pool, m)?)?;
+    m.add_class::<train::PyObjective>()?;
+    m.add_function(wrap_pyfunction!(train::l2_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(train::barron_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(train::time_weight, m)?)?;
+    m.add_function(wrap_pyfunction!(train::split_sub_batches, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -116,7 +116,21 @@ impl TrainConfig {
         if self.dist_match_cof < 0.0 {
             return Err(Error::config("dist_match_cof", format!("must be >= 0, got {}", self.dist_match_cof)));
         }
-        crate::train::split::check_weights(&self.sub_batches)
+        crate::train::split::check_weights(&self.sub_batches)?;
+        if self.estimate_order == 0 && self.sub_batches[1] == 0.0 && self.sub_batches[3] == 0.0 {
+            return Err(Error::config(
+                "sub_batches",
+                "with estimate_order = 0 the loss uses only the mul and adv runs: give one of them a weight",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether any term calls the teacher (enhanced target, or RCGM with a non-frozen teacher;
+    /// with emd = 1 RCGM uses the online model).
+    pub fn needs_teacher(&self) -> bool {
+        self.enhanced_ratio != 0.0
+            || (self.estimate_order >= 1 && self.consistc_ratio != 0.0 && self.ema_decay_rate < 1.0)
     }
 }
 

@@ -229,3 +229,114 @@ pub fn training_step(
     };
     Ok(StepOutput { loss, stats, model_calls: net.calls })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::GlobalRng;
+    use crate::train::config::LossKind;
+    use tch::Device;
+
+    /// F = x·w + a·t + b·tt, with w, a, b trainable; logs every call.
+    struct Lin {
+        w: Tensor,
+        a: Tensor,
+        calls: Vec<Call>,
+    }
+    impl Lin {
+        fn new() -> Self {
+            let o = (Kind::Float, Device::Cpu);
+            Self {
+                w: Tensor::from_slice(&[0.3f32, -0.2, 0.1, 0.5]).view([2, 2]).set_requires_grad(true),
+                a: Tensor::ones([2], o).set_requires_grad(true),
+                calls: vec![],
+            }
+        }
+    }
+    impl TrainModel for Lin {
+        fn call(&mut self, x: &Tensor, t: &Tensor, tt: &Tensor, call: &Call) -> Result<Tensor> {
+            assert_eq!(x.size()[0], call.rows.end - call.rows.start);
+            assert_eq!(t.size(), vec![x.size()[0]]);
+            self.calls.push(call.clone());
+            Ok(x.matmul(&self.w) + t.view([-1, 1]) * &self.a + tt.view([-1, 1]) * 0.5)
+        }
+    }
+
+    fn run(cfg: &TrainConfig, b: i64, uncond: bool) -> (StepOutput, Lin) {
+        tch::manual_seed(11);
+        let x = Tensor::randn([b, 2], (Kind::Float, Device::Cpu));
+        let mut m = Lin::new();
+        let out = training_step(cfg, &mut m, &mut GlobalRng, &x, uncond).unwrap();
+        (out, m)
+    }
+
+    #[test]
+    fn call_counts_follow_the_recipe() {
+        for (recipe, want) in [("twinflow", 8), ("rcgm", 5), ("flow_matching", 1)] {
+            let cfg = TrainConfig::recipe(recipe).unwrap();
+            let (out, m) = run(&cfg, 8, true);
+            assert_eq!(out.model_calls, want, "{recipe}");
+            assert_eq!(m.calls.len(), want);
+            assert_eq!(m.calls.iter().filter(|c| c.grad).count(), 1, "{recipe}: one graded call");
+        }
+        // No uncond: no guidance calls. N = 3: one more RCGM call.
+        let cfg = TrainConfig { estimate_order: 3, ..TrainConfig::default() };
+        assert_eq!(run(&cfg, 8, false).0.model_calls, 7);
+        // Call order and rows of the TwinFlow step (B = 8: runs of 2).
+        let (_, m) = run(&TrainConfig::default(), 8, true);
+        let seq: Vec<(Net, bool, Range<i64>, CondKind)> =
+            m.calls.iter().map(|c| (c.net, c.grad, c.rows.clone(), c.cond)).collect();
+        use CondKind::*;
+        use Net::*;
+        assert_eq!(
+            seq,
+            vec![
+                (Online, false, 6..8, Cond),
+                (Online, true, 0..8, Cond),
+                (Teacher, false, 2..6, Cond),
+                (Teacher, false, 2..6, Uncond),
+                (Teacher, false, 0..6, Cond),
+                (Teacher, false, 0..6, Cond),
+                (Online, false, 0..2, Cond),
+                (Online, false, 0..2, Cond),
+            ]
+        );
+    }
+
+    #[test]
+    fn gradients_reach_the_parameters_and_stay_finite() {
+        for recipe in ["twinflow", "rcgm", "flow_matching"] {
+            for loss in [LossKind::L2, LossKind::Barron { alpha: 1.0, c: 1e-3 }] {
+                let cfg = TrainConfig { loss, ..TrainConfig::recipe(recipe).unwrap() };
+                let (out, m) = run(&cfg, 10, true);
+                assert!(out.loss.double_value(&[]).is_finite());
+                let g = Tensor::run_backward(&[&out.loss], &[&m.w, &m.a], false, false);
+                for gi in g {
+                    assert_eq!(gi.isfinite().all().int64_value(&[]), 1);
+                    assert!(gi.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{recipe}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiny_consistency_ratio_gives_no_nan() {
+        // cor → t − tt ≈ 0 on any rows; mul rows have t − t_min ≈ 0 too.
+        let cfg = TrainConfig { consistc_ratio: 1e-12, ..TrainConfig::default() };
+        let (out, _) = run(&cfg, 12, true);
+        assert_eq!(out.stats.isnan().sum(Kind::Int64).int64_value(&[]), 0);
+    }
+
+    #[test]
+    fn wrong_output_shape_is_an_error() {
+        struct Bad;
+        impl TrainModel for Bad {
+            fn call(&mut self, x: &Tensor, _: &Tensor, _: &Tensor, _: &Call) -> Result<Tensor> {
+                Ok(x.sum_dim_intlist(Some(&[1i64][..]), false, Kind::Float))
+            }
+        }
+        let x = Tensor::zeros([8, 2], (Kind::Float, Device::Cpu));
+        let e = training_step(&TrainConfig::default(), &mut Bad, &mut GlobalRng, &x, false).err().unwrap();
+        assert!(e.to_string().contains("shape"), "{e}");
+    }
+}
