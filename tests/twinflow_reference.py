@@ -23,8 +23,8 @@ Conventions transcribed (SPEC §3 + docs/training.md):
      ``use_image_free``), online, no grad — ONE call (docs/training.md; the published code
      makes a second call for the adv rows when use_image_free is on);
   2. ``F = model(x_t, t, tt, cond)``, online, all rows, with grad;
-  3, 4. ``v_c = T(x_t, t, t, cond)``, ``v_u = T(x_t, t, t, uncond)`` on mul ∪ any rows,
-     when ``enhanced_ratio != 0``, ``uncond`` is given and mul ∪ any is non-empty;
+  3, 4. ``v_c = T(x_t, t, t, cond)``, ``v_u = T(x_t, t, t, uncond)`` on mul ∪ any rows (and e2e when lo < 1 < hi),
+     when ``enhanced_ratio != 0``, ``uncond`` is given and those rows are non-empty;
   5 … 4+N. RCGM steps on the prefix rows (everything before the adv run), teacher
      (online model when emd = 1), when N ≥ 1, cor ≠ 0 and e2e ∪ any is non-empty;
   +2. ``model(x_τ, −τ, −τ)``, ``model(x_τ, τ, τ)`` on the e2e rows, online, no grad, when
@@ -42,8 +42,8 @@ Readings where SPEC and docs are silent (also stated in the test report):
 * ``stats["dist_match"]`` is the added term, i.e. ``dmc·mean(L(F_e2e, sg(F_e2e − Δv)))``,
   and ``stats["loss"] = stats["base"] + stats["dist_match"]``; ``stats["dist_match_raw"]``
   holds the mean without the factor.
-* The enhanced-target row mask is ``lo < t < hi`` over the mul ∪ any rows only (the rows
-  of calls 3/4).
+* The enhanced-target row mask is ``lo < t < hi`` over the non-adv rows; calls 3/4 cover
+  mul ∪ any, and the e2e rows too when lo < 1 < hi (SPEC §3.3 row rule).
 * ``x' = x_t − 0.01·target`` and ``R = F·cl − P·cr − target`` use the target *after* the
   enhancement of §3.3 (SPEC order, as published).
 * When N = 0 and there are no mul ∪ adv rows the base loss is 0 (as published).
@@ -289,7 +289,8 @@ def reference_loss(model, teacher, x: torch.Tensor, cond=None, uncond=None, gene
 
     with torch.no_grad():
         # ---- §3.3 enhanced target
-        ma = slice(split["mul"][0], split["any"][1])
+        # e2e rows sit at t = 1: inside (lo, hi) only when lo < 1 < hi
+        ma = slice(split["e2e"][0] if lo < 1.0 < hi else split["mul"][0], split["any"][1])
         if enr != 0.0 and N >= 0 and uncond is not None and ma.stop > ma.start:
             xr, tr = x_t[ma], t[ma].to(xdt)
             r = range(ma.start, ma.stop)

@@ -148,8 +148,10 @@ pub fn training_step(
 
     {
         let _g = tch::no_grad_guard();
-        // §3.3 enhanced target on the mul ∪ any rows (e2e rows sit at t = 1, never inside).
-        let enh = e2e.end..adv.start;
+        // §3.3 enhanced target on the non-adv rows with lo < t < hi: the mul ∪ any rows, plus
+        // the e2e rows (t = 1) only in the unusual case lo < 1 < hi.
+        let [lo, hi] = cfg.enhanced_range;
+        let enh = if lo < 1.0 && hi > 1.0 { e2e.start } else { e2e.end }..adv.start;
         if cfg.enhanced_ratio != 0.0 && has_uncond && !enh.is_empty() {
             let (xs, ts) = (narrow(&x_t, &enh)?, narrow(&t, &enh)?);
             let mut teach = |cond| {
@@ -158,7 +160,6 @@ pub fn training_step(
             };
             let v_c = teach(CondKind::Cond)?;
             let v_u = teach(CondKind::Uncond)?;
-            let [lo, hi] = cfg.enhanced_range;
             let replace = emd == 1.0 && cfg.use_image_free;
             let new = enhanced_target(&narrow(&target, &enh)?, &v_c, &v_u, &ts, cfg.enhanced_ratio, (lo, hi), replace)?;
             set_rows(&target, &enh, &new)?;
