@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{check_finite, Error, Result};
 
 /// Which target time `tt` the model is asked for at a step from `t_c` to `t_n`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,13 +150,7 @@ impl SamplerConfig {
 
     /// Every rule of SPEC §2; the error names the offending field.
     pub fn validate(&self) -> Result<()> {
-        let finite = |field: &'static str, v: &[f64]| {
-            if v.iter().all(|x| x.is_finite()) {
-                Ok(())
-            } else {
-                Err(Error::config(field, format!("must be finite, got {v:?}")))
-            }
-        };
+        let finite = check_finite;
         if self.sampling_steps < 1 {
             return Err(Error::config("sampling_steps", "must be >= 1, got 0"));
         }

@@ -28,3 +28,12 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A config error naming `field` unless every value is finite.
+pub(crate) fn check_finite(field: &'static str, v: &[f64]) -> Result<()> {
+    if v.iter().all(|x| x.is_finite()) {
+        Ok(())
+    } else {
+        Err(Error::config(field, format!("must be finite, got {v:?}")))
+    }
+}

@@ -107,6 +107,7 @@ class TwinFlowLoss:
         ``model`` when given, else on the next call (from that call's model)."""
         self._objective.ema_state = (float(state["ema_decay"]), int(state["ema_updates"]))
         weights = state.get("teacher")
+        self._pending_teacher = None
         if weights is None:
             self.teacher = None
             return

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{check_finite, Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "loss", rename_all = "lowercase")]
@@ -72,15 +72,9 @@ impl TrainConfig {
 
     /// Every rule, each error naming its field.
     pub fn validate(&self) -> Result<()> {
-        fn finite(field: &'static str, v: &[f64]) -> Result<()> {
-            if v.iter().all(|x| x.is_finite()) {
-                Ok(())
-            } else {
-                Err(Error::config(field, format!("must be finite, got {v:?}")))
-            }
-        }
+        let finite = check_finite;
         fn within(field: &'static str, v: f64, lo: f64, hi: f64) -> Result<()> {
-            finite(field, &[v])?;
+            check_finite(field, &[v])?;
             if (lo..=hi).contains(&v) {
                 Ok(())
             } else {
