@@ -11,6 +11,7 @@ pub mod pool;
 pub mod rng;
 pub mod sampler;
 pub mod step;
+pub mod stepper;
 pub mod train;
 
 #[cfg(feature = "python")]

@@ -4,10 +4,9 @@ use tch::{Kind, Tensor};
 
 use crate::config::SamplerConfig;
 use crate::error::{Error, Result};
-use crate::fused::Mix;
 use crate::grid::time_grid;
 use crate::rng::Rng;
-use crate::step::{self, empty_like, MixBuffers};
+use crate::stepper::{Phase, Stepper};
 
 /// A velocity field `F = model(x_t, t, tt)`; `t` and `tt` have shape [B] in x's kind and device.
 pub trait VelocityModel {
@@ -65,13 +64,10 @@ impl Sampler {
         trajectory: bool,
     ) -> Result<Tensor> {
         Self::check_noise(noise)?;
-        let cfg = &self.cfg;
-        let (fused, r, style) = (self.fused, cfg.extrapol_ratio, cfg.sampling_style);
         let n = self.grid.len() - 1;
         let shape = noise.size();
         let (kind, device) = (noise.f_kind()?, noise.device());
         let batch = shape[0];
-
         let traj = if trajectory {
             let t = Tensor::f_empty([&[n as i64 + 1], &shape[..]].concat(), (kind, device))?;
             t.f_select(0, 0)?.f_copy_(noise)?;
@@ -79,79 +75,19 @@ impl Sampler {
         } else {
             None
         };
-        let row = |i: usize| -> Result<Option<Tensor>> {
-            Ok(match &traj {
-                Some(t) => Some(t.f_select(0, i as i64)?),
-                None => None,
-            })
-        };
-        let mut call = |x: &Tensor, t: f64, tt: f64| -> Result<Tensor> {
-            let tv = Tensor::f_full([batch], t, (kind, device))?;
-            let ttv = Tensor::f_full([batch], tt, (kind, device))?;
-            let f = model.velocity(x, &tv, &ttv)?;
-            checked_output(f, &shape, kind, device)
-        };
-
+        let mut stepper = Stepper::new(self);
         let mut x = noise.shallow_clone();
-        // Un-extrapolated (x̂, ẑ) of the previous step, kept only when extrapolating.
-        let mut prev: Option<(Tensor, Tensor)> = None;
-        for i in 0..n {
-            let (t_c, t_n) = (self.grid[i], self.grid[i + 1]);
-            let f = call(&x, t_c, style.target(t_c, t_n))?;
-            let s = cfg.stochast_ratio.at(t_c, t_n);
-            let eps = if s > 0.0 { Some(rng.randn(&shape, (kind, device))?) } else { None };
-            let xh_row = row(i + 1)?;
-
-            if i + 1 == n {
-                // The sample is x̂ of the last interval, before extrapolation; the x update is
-                // not needed (t_n = 0), but ε was still drawn to keep the generator's stream.
-                return match traj {
-                    Some(t) => {
-                        let _ = step::axpy(&x, &f, -t_c, None, xh_row.as_ref(), fused)?;
-                        Ok(t)
-                    }
-                    None => step::axpy(&x, &f, -t_c, None, None, fused),
-                };
-            }
-
-            let extrapolate = if r > 0.0 && i >= 2 { prev.as_ref() } else { None };
-            let keep = r > 0.0 && i >= 1;
-            let x_new = if s == 0.0 && extrapolate.is_none() && !keep {
-                let xh = xh_row.as_ref().map(|t| (t, -t_c));
-                step::axpy(&x, &f, -(t_c - t_n), xh, None, fused)?
-            } else {
-                let xh_out = match (&xh_row, keep) {
-                    (Some(t), _) => Some(t.shallow_clone()),
-                    (None, true) => Some(empty_like(&x)?),
-                    (None, false) => None,
-                };
-                let zh_out = if keep { Some(empty_like(&x)?) } else { None };
-                let y = step::mix(
-                    &x,
-                    &f,
-                    Mix { t_cur: t_c, t_next: t_n, s },
-                    MixBuffers {
-                        eps: eps.as_ref(),
-                        extrapolate: extrapolate.map(|(a, b)| (r, a, b)),
-                        xh_out: xh_out.as_ref(),
-                        zh_out: zh_out.as_ref(),
-                        out: None,
-                    },
-                    fused,
-                )?;
-                if let (Some(a), Some(b)) = (xh_out, zh_out) {
-                    prev = Some((a, b));
-                }
-                y
+        while let Some(&e) = stepper.current() {
+            let tv = Tensor::f_full([batch], e.t, (kind, device))?;
+            let ttv = Tensor::f_full([batch], e.tt, (kind, device))?;
+            let f = checked_output(model.velocity(&x, &tv, &ttv)?, &shape, kind, device)?;
+            let row = match (&traj, e.phase) {
+                (Some(t), Phase::Predict) => Some(t.f_select(0, e.interval as i64 + 1)?),
+                _ => None,
             };
-            x = if cfg.sampling_order == 2 {
-                let f_next = call(&x_new, t_n, style.target(t_n, t_n))?;
-                step::heun(&x, &f, &f_next, t_c, t_n, fused)?
-            } else {
-                x_new
-            };
+            x = stepper.step(&x, &f, rng, row.as_ref())?;
         }
-        unreachable!("the grid has at least one interval")
+        Ok(traj.unwrap_or(x))
     }
 }
 
