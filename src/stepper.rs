@@ -34,7 +34,7 @@ pub struct Eval {
 pub fn evaluations(cfg: &SamplerConfig, grid: &[f64]) -> Vec<Eval> {
     let n = grid.len() - 1;
     let style = cfg.sampling_style;
-    let mut out = Vec::with_capacity(cfg.nfe());
+    let mut out = Vec::with_capacity(2 * n);
     for i in 0..n {
         let (t_c, t_n) = (grid[i], grid[i + 1]);
         out.push(Eval { interval: i, phase: Phase::Predict, t: t_c, tt: style.target(t_c, t_n) });
@@ -63,6 +63,24 @@ impl Stepper {
         let grid = sampler.timesteps().to_vec();
         let evals = evaluations(&cfg, &grid);
         Self { cfg, grid, evals, fused: sampler.fused, next: 0, prev: None, heun: None }
+    }
+
+    /// A stepper over a given grid t_0 > … > t_{n−1} > 0 (a pipeline's own sigmas) instead of
+    /// the configuration's; t_n = 0 is appended. The sampler's other settings apply.
+    pub fn with_grid(sampler: &Sampler, times: &[f64]) -> Result<Self> {
+        if times.is_empty() {
+            return Err(Error::Value("sigmas: need at least one time".into()));
+        }
+        if times.iter().any(|t| !t.is_finite() || *t <= 0.0 || *t > 1.0) {
+            return Err(Error::Value(format!("sigmas: every time must be in (0, 1], got {times:?}")));
+        }
+        if times.windows(2).any(|w| w[1] >= w[0]) {
+            return Err(Error::Value(format!("sigmas: times must be strictly decreasing, got {times:?}")));
+        }
+        let mut st = Self::new(sampler);
+        st.grid = times.iter().copied().chain(std::iter::once(0.0)).collect();
+        st.evals = evaluations(&st.cfg, &st.grid);
+        Ok(st)
     }
 
     pub fn evals(&self) -> &[Eval] {
@@ -176,6 +194,17 @@ mod tests {
         assert!((ts[1].0 - 2.0 * third).abs() < 1e-15 && ts[1].1 == Phase::Correct);
         assert!(e.iter().all(|e| e.tt == e.t), "mul asks for the instantaneous velocity");
         assert_eq!(e[4].phase, Phase::Predict);
+    }
+
+    #[test]
+    fn custom_grids_are_checked() {
+        let sampler = Sampler::new(SamplerConfig { sampling_order: 2, ..Default::default() }).unwrap();
+        let st = Stepper::with_grid(&sampler, &[1.0, 0.6, 0.2]).unwrap();
+        assert_eq!(st.grid(), &[1.0, 0.6, 0.2, 0.0]);
+        assert_eq!(st.evals().len(), 5);
+        for bad in [&[][..], &[0.5, 0.5], &[1.5, 0.2], &[0.4, 0.0], &[0.3, f64::NAN]] {
+            assert!(Stepper::with_grid(&sampler, bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

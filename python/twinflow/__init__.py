@@ -10,4 +10,14 @@ import torch  # noqa: F401
 from ._core import UnifiedSampler, __version__, ucgm_step
 from .losses import TwinFlowLoss
 
-__all__ = ["UnifiedSampler", "TwinFlowLoss", "ucgm_step", "__version__"]
+
+def __getattr__(name):
+    # The scheduler imports diffusers: load it only when asked for.
+    if name == "TwinFlowScheduler":
+        from .scheduler import TwinFlowScheduler
+
+        return TwinFlowScheduler
+    raise AttributeError(f"module 'twinflow' has no attribute {name!r}")
+
+
+__all__ = ["UnifiedSampler", "TwinFlowLoss", "TwinFlowScheduler", "ucgm_step", "__version__"]

@@ -29,6 +29,7 @@ fn set_cpu_pool(name: &str) -> PyResult<&'static str> {
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sampler::PySampler>()?;
+    m.add_class::<sampler::PyStepper>()?;
     m.add_function(wrap_pyfunction!(sampler::ucgm_step, m)?)?;
     m.add_function(wrap_pyfunction!(set_cpu_pool, m)?)?;
     m.add_class::<train::PyObjective>()?;

@@ -12,6 +12,7 @@ use crate::config::{SamplerConfig, SamplingStyle, StochastRatio};
 use crate::error::Error;
 use crate::sampler::{is_float, Sampler};
 use crate::step;
+use crate::stepper::{Phase, Stepper};
 
 const SETTINGS: [&str; 7] = [
     "sampling_steps",
@@ -392,5 +393,89 @@ pub fn ucgm_step(
     match out {
         Some(o) if has_out => Ok(o.clone().unbind()),
         _ => Ok(PyTensor(y).into_pyobject(py)?.unbind()),
+    }
+}
+
+/// One model evaluation at a time (the diffusers scheduler's engine): `step(x, velocity)`
+/// advances by the evaluation at `evals[position]`.
+#[pyclass(name = "SamplerStepper", module = "twinflow._core")]
+pub struct PyStepper {
+    // Tensors are Send but not Sync; the mutex makes the class shareable.
+    inner: std::sync::Mutex<Stepper>,
+}
+
+impl PyStepper {
+    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, Stepper>> {
+        self.inner.lock().map_err(|_| PyRuntimeError::new_err("stepper state is poisoned"))
+    }
+}
+
+#[pymethods]
+impl PyStepper {
+    /// `grid`: the times t_0 > … > t_{n−1} > 0 to use instead of the sampler's grid.
+    #[new]
+    #[pyo3(signature = (sampler, grid=None))]
+    fn new(sampler: PyRef<'_, PySampler>, grid: Option<Vec<f64>>) -> PyResult<Self> {
+        let st = match grid {
+            Some(g) => Stepper::with_grid(&sampler.inner, &g).map_err(to_pyerr)?,
+            None => Stepper::new(&sampler.inner),
+        };
+        Ok(Self { inner: std::sync::Mutex::new(st) })
+    }
+
+    /// [(t, tt, interval, is_corrector)] for every model evaluation, in order.
+    #[getter]
+    fn evals(&self) -> PyResult<Vec<(f64, f64, usize, bool)>> {
+        Ok(self.lock()?.evals().iter().map(|e| (e.t, e.tt, e.interval, e.phase == Phase::Correct)).collect())
+    }
+
+    /// The time grid t_0 > … > t_n = 0.
+    #[getter]
+    fn grid(&self) -> PyResult<Vec<f64>> {
+        Ok(self.lock()?.grid().to_vec())
+    }
+
+    #[getter]
+    fn position(&self) -> PyResult<usize> {
+        Ok(self.lock()?.position())
+    }
+
+    #[setter]
+    fn set_position(&self, k: usize) -> PyResult<()> {
+        self.lock()?.set_position(k).map_err(to_pyerr)
+    }
+
+    /// Advance by one evaluation with the model's `velocity` at `x`; returns the next x
+    /// (after the last evaluation, the sample).
+    #[pyo3(signature = (x, velocity, generator=None))]
+    fn step(&self, py: Python<'_>, x: &Bound<'_, PyAny>, velocity: &Bound<'_, PyAny>, generator: Option<Bound<'_, PyAny>>) -> PyResult<PyTensor> {
+        let xt = tensor_arg(x, "x")?;
+        Sampler::check_noise(&xt).map_err(to_pyerr)?;
+        let f = tensor_arg(velocity, "velocity")?;
+        if f.size() != xt.size() || f.device() != xt.device() || f.f_kind().ok() != xt.f_kind().ok() {
+            return Err(PyValueError::new_err(format!(
+                "velocity must match x (shape {:?}, {:?}, {:?}), got shape {:?}, {:?}, {:?}",
+                xt.size(),
+                xt.f_kind().unwrap_or(Kind::Uint8),
+                xt.device(),
+                f.size(),
+                f.f_kind().unwrap_or(Kind::Uint8),
+                f.device()
+            )));
+        }
+        let mut rng = PyRng::new(generator);
+        let inner = &self.inner;
+        let (res, rng) = py.allow_threads(move || {
+            let res = match inner.lock() {
+                Ok(mut st) => st.step(&xt, &f, &mut rng, None),
+                Err(_) => Err(Error::Value("stepper state is poisoned".into())),
+            };
+            (res, rng)
+        });
+        match res {
+            Ok(t) => Ok(PyTensor(t)),
+            Err(Error::Callback(_)) => Err(rng.err.unwrap_or_else(|| PyRuntimeError::new_err("the generator failed"))),
+            Err(e) => Err(to_pyerr(e)),
+        }
     }
 }

@@ -1,0 +1,206 @@
+"""TwinFlowScheduler: the UnifiedSampler as a diffusers scheduler (drop-in for
+FlowMatchEulerDiscreteScheduler).
+
+    pipe.scheduler = TwinFlowScheduler.from_config(pipe.scheduler.config, stochast_ratio=1.0)
+
+Every model evaluation is one `step`, computed by the Rust core's stepper (the same code as
+``UnifiedSampler.sample``). Order 2 duplicates timesteps like FlowMatchHeunDiscreteScheduler,
+so a pipeline calls its transformer 2n − 1 times. Keys of a FlowMatchEuler config that do not
+apply here (shift, use_dynamic_shifting, ...) are ignored, and with ``time_grid="ucgm"`` the
+sigmas/mu that pipelines pass are ignored too.
+
+Reproducibility: stochastic steps draw from ``generator`` when `step` gets one. Stock
+pipelines (QwenImage, ZImage, SD3) never pass it, so otherwise the scheduler seeds its own
+generator from a hash of the first sample it steps (the initial latents, drawn from the
+pipeline's generator): the same pipeline seed gives the same image every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from ._core import SamplerStepper, UnifiedSampler
+
+__all__ = ["TwinFlowScheduler", "TwinFlowSchedulerOutput"]
+
+_TIME_GRIDS = ("ucgm", "pipeline")
+
+
+@dataclass
+class TwinFlowSchedulerOutput(BaseOutput):
+    prev_sample: torch.Tensor
+
+
+class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
+    """UCGM unified sampling (SPEC §2) for flow-matching pipelines.
+
+    Args:
+        num_train_timesteps: timestep scale of the pipeline (``timesteps = t · scale``).
+        stochast_ratio, extrapol_ratio, sampling_order, time_dist_ctrl, rfba_gap_steps,
+        sampling_style: as for :class:`twinflow.UnifiedSampler`.
+        time_grid: ``"ucgm"`` (the UnifiedSampler grid for ``num_inference_steps``) or
+            ``"pipeline"`` (the sigmas passed to ``set_timesteps``, unchanged).
+    """
+
+    _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        stochast_ratio: Union[float, str] = 0.0,
+        extrapol_ratio: float = 0.0,
+        sampling_order: int = 1,
+        time_dist_ctrl: Sequence[float] = (1.0, 1.0, 1.0),
+        rfba_gap_steps: Sequence[float] = (0.0, 0.0),
+        sampling_style: str = "few",
+        time_grid: str = "ucgm",
+    ):
+        if time_grid not in _TIME_GRIDS:
+            raise ValueError(f"time_grid: expected one of {_TIME_GRIDS}, got {time_grid!r}")
+        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps: must be a positive int, got {num_train_timesteps!r}")
+        self._sampler(1)  # validates every sampler setting now, naming the field
+        self.tt = torch.zeros(1, dtype=torch.float32)
+        self.timesteps = torch.empty(0)
+        self.sigmas = torch.empty(0)
+        self.num_inference_steps: Optional[int] = None
+        self._stepper: Optional[SamplerStepper] = None
+        self._begin_index: Optional[int] = None
+        self._generator: Optional[torch.Generator] = None
+        self._started = False
+        self._evals: List[tuple] = []
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TwinFlowScheduler":
+        """A published preset ("1-nfe", "2-nfe", "4-nfe", "any-step", "multi-step") as a
+        scheduler; pass its step count as the pipeline's num_inference_steps."""
+        settings = UnifiedSampler.preset(name).to_dict()
+        settings.pop("sampling_steps")
+        settings.update(overrides)
+        return cls(**settings)
+
+    def _sampler(self, steps: int) -> UnifiedSampler:
+        c = self.config
+        return UnifiedSampler(
+            sampling_steps=steps, stochast_ratio=c.stochast_ratio, extrapol_ratio=c.extrapol_ratio,
+            sampling_order=c.sampling_order, time_dist_ctrl=tuple(c.time_dist_ctrl),
+            rfba_gap_steps=tuple(c.rfba_gap_steps), sampling_style=c.sampling_style)
+
+    @property
+    def step_index(self) -> Optional[int]:
+        """Index of the next model evaluation (None before the first step)."""
+        return self._stepper.position if self._started else None
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None,
+                      device: Union[str, torch.device, None] = None,
+                      sigmas: Optional[Sequence[float]] = None, mu: Optional[float] = None,
+                      timesteps: Optional[Sequence[float]] = None) -> None:
+        """Build the evaluation schedule. ``mu`` is always ignored (no dynamic shifting)."""
+        scale = self.config.num_train_timesteps
+        if self.config.time_grid == "pipeline":
+            if sigmas is None and timesteps is not None:
+                sigmas = [float(t) / scale for t in timesteps]
+            if sigmas is None:
+                raise ValueError('sigmas: time_grid="pipeline" needs the sigmas (or timesteps) '
+                                 "passed to set_timesteps")
+            grid = [float(s) for s in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
+            while grid and grid[-1] == 0.0:  # a trailing terminal 0 is implied
+                grid.pop()
+            stepper = SamplerStepper(self._sampler(max(1, len(grid))), grid)
+        else:
+            steps = num_inference_steps
+            if steps is None:
+                given = sigmas if sigmas is not None else timesteps
+                if given is None:
+                    raise ValueError("num_inference_steps: required (or pass sigmas/timesteps)")
+                steps = len(given)
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                raise ValueError(f"num_inference_steps: must be an int >= 1, got {steps!r}")
+            stepper = SamplerStepper(self._sampler(steps))
+        evals = stepper.evals
+        eval_t = torch.tensor([e[0] for e in evals], dtype=torch.float64)
+        self._stepper = stepper
+        self._evals = evals
+        self.timesteps = (eval_t * scale).to(dtype=torch.float32, device=device)
+        self.sigmas = torch.cat([eval_t, eval_t.new_zeros(1)]).to(torch.float32)
+        self.num_inference_steps = len(evals)
+        self._begin_index = None
+        self._started = False
+        self._generator = None
+        device = torch.device(device) if device is not None else self.tt.device
+        if self.tt.device != device:
+            self.tt = self.tt.to(device)
+        self.tt.fill_(evals[0][1])
+
+    def index_for_timestep(self, timestep, schedule_timesteps: Optional[torch.Tensor] = None) -> int:
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        t = torch.as_tensor(timestep, dtype=schedule.dtype, device=schedule.device)
+        hits = (schedule == t).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"timestep {float(t)} is not one of the scheduler's timesteps")
+        return int(hits[0])
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+             generator: Optional[torch.Generator] = None, return_dict: bool = True,
+             **unused) -> Union[TwinFlowSchedulerOutput, Tuple[torch.Tensor]]:
+        """One model evaluation of the sampler: returns the sample for the next call (the
+        final sample after the last one)."""
+        if self._stepper is None:
+            raise ValueError("set_timesteps must be called before step")
+        if not self._started:
+            start = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+            self._stepper.position = start
+            self._started = True
+        if generator is None and self._generator is None:
+            self._generator = torch.Generator(device=sample.device).manual_seed(_seed_of(sample))
+        # Work in at least float32 (as FlowMatchEuler does); return the model's dtype.
+        work = torch.promote_types(sample.dtype, torch.float32)
+        prev = self._stepper.step(sample.to(work), model_output.to(work),
+                                  generator if generator is not None else self._generator)
+        prev = prev.to(model_output.dtype)
+        k = self._stepper.position
+        if k < len(self._evals):
+            self.tt.fill_(self._evals[k][1])
+        if not return_dict:
+            return (prev,)
+        return TwinFlowSchedulerOutput(prev_sample=prev)
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
+        """Forward process x_t = σ·noise + (1 − σ)·sample, σ = timestep / num_train_timesteps."""
+        sigma = torch.as_tensor(timestep, device=sample.device, dtype=sample.dtype)
+        sigma = (sigma / self.config.num_train_timesteps).flatten()
+        while sigma.dim() < sample.dim():
+            sigma = sigma.unsqueeze(-1)
+        return sigma * noise + (1.0 - sigma) * sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+def _seed_of(sample: torch.Tensor) -> int:
+    """A seed from all values of `sample` (the initial latents)."""
+    data = sample.detach().to("cpu", torch.float32).contiguous()
+    return int.from_bytes(hashlib.blake2b(data.numpy().tobytes(), digest_size=8).digest(), "little") >> 1
