@@ -202,7 +202,7 @@ def test_cli_demo_smoke(tmp_path, capsys):
     from twinflow.cli import main
 
     rc = main(["demo", "--steps-list", "1", "8", "--num-samples", "300", "--output-dir", str(tmp_path),
-               "--image-size", "128"])
+               "--image-size", "128", "--train-steps", "0"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "euler-8" in printed and "multi-step" in printed
@@ -214,6 +214,21 @@ def test_cli_demo_smoke(tmp_path, capsys):
     for r in rows.values():
         png = (tmp_path / r["image"]).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_demo_trains_the_toy_nets(tmp_path):
+    import json
+
+    from twinflow.cli import main
+
+    rc = main(["demo", "--steps-list", "1", "--presets", "--num-samples", "200", "--output-dir", str(tmp_path),
+               "--image-size", "64", "--train-steps", "20"])
+    assert rc == 0
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "demo.json").read_text())["results"]}
+    assert {"twinflow-net 1-nfe", "twinflow-net 2-nfe", "fm-net euler-1", "fm-net euler-30"} <= set(rows)
+    for r in rows.values():
+        assert r["model_calls"] == r["nfe"]
+        assert (tmp_path / r["image"]).exists()
 
 
 def test_cli_errors_and_scatter(tmp_path):

@@ -1,6 +1,8 @@
-"""``twinflow demo``: sample the exact flow of a 2-D Gaussian mixture with the UnifiedSampler.
+"""``twinflow demo``: one-step generation on a 2-D Gaussian mixture.
 
-Prints a table (steps, NFE, mean nearest-mode distance, modes covered, wall time), writes one
+Samples the mixture's exact flow field with the UnifiedSampler at several step counts, then
+trains a small MLP with the TwinFlow objective and with plain flow matching (seconds on a
+CPU) and samples both with one and two network evaluations. Prints a table (steps, NFE, mean nearest-mode distance, modes covered, wall time), writes one
 PNG scatter per setting and ``demo.json``.
 """
 
@@ -82,21 +84,25 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the PNGs and demo.json go (created if missing)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--image-size", type=positive_int, default=512, help="PNG side in pixels")
+    p.add_argument("--train-steps", type=int, default=1500,
+                   help="steps to train the toy MLP with the TwinFlow and flow-matching objectives "
+                        "(0: only the exact field)")
 
 
 @register_command(
     "demo", add_arguments=_add_demo_arguments,
-    help="sample a 2-D Gaussian mixture's exact flow with the UnifiedSampler",
+    help="one-step generation on a 2-D Gaussian mixture (exact flow, TwinFlow-trained MLP)",
     description=("Samples the exact velocity field of a 2-D mixture of 8 Gaussians (circle of radius 4, "
-                 "std 0.3) with the UnifiedSampler at several step counts; prints a table, writes one "
-                 "PNG scatter per setting and demo.json into the output directory."),
+                 "std 0.3) with the UnifiedSampler at several step counts, trains a small MLP with the "
+                 "TwinFlow and the flow-matching objectives and samples both with 1-2 network "
+                 "evaluations; prints a table, writes one PNG scatter per setting and demo.json."),
 )
 def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from . import UnifiedSampler
     from .toy import (GaussianMixture2D, GaussianMixtureVelocity, fraction_near_modes,
-                      mean_nearest_mode_distance, mode_coverage)
+                      mean_nearest_mode_distance, mode_coverage, train_toy)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -111,9 +117,23 @@ def _run_demo(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    settings = [(f"euler-{k}", k, lambda k=k: UnifiedSampler(sampling_steps=k, stochast_ratio=0.0))
-                for k in args.steps_list]
-    settings += [(name, None, lambda name=name: UnifiedSampler.preset(name)) for name in args.presets]
+    exact = lambda: GaussianMixtureVelocity(mix)  # noqa: E731
+    euler = lambda k, style="few": UnifiedSampler(sampling_steps=k, sampling_style=style)  # noqa: E731
+    # (label, sampler, model factory): the exact field first, then trained networks.
+    settings = [(f"euler-{k}", euler(k), exact) for k in args.steps_list]
+    settings += [(name, UnifiedSampler.preset(name), exact) for name in args.presets]
+    if args.train_steps > 0:
+        # The product in miniature: the same small MLP trained with the TwinFlow objective and
+        # with plain flow matching, then sampled with one or two network evaluations.
+        twin = train_toy("twinflow", steps=args.train_steps, seed=args.seed, mixture=mix, progress=True)
+        fm = train_toy("flow_matching", steps=args.train_steps, seed=args.seed, mixture=mix, progress=True)
+        settings += [
+            ("twinflow-net 1-nfe", UnifiedSampler.preset("1-nfe"), lambda: twin),
+            ("twinflow-net 2-nfe", UnifiedSampler.preset("2-nfe"), lambda: twin),
+            # A flow-matching net only knows tt = t: sample it with the "mul" style.
+            ("fm-net euler-1", euler(1, "mul"), lambda: fm),
+            ("fm-net euler-30", euler(30, "mul"), lambda: fm),
+        ]
 
     # One-time costs (library init, first kernels) stay out of the timings.
     UnifiedSampler(sampling_steps=1).sample(
@@ -131,26 +151,25 @@ def _run_demo(args: argparse.Namespace) -> int:
                                 mode_radii=radii, title=f"data: {n} mixture samples",
                                 size=args.image_size).name,
     })
-    for label, k, make in tqdm(settings, desc="demo", unit="setting", leave=False, disable=None):
-        sampler = make()
-        steps = int(k) if k is not None else int(sampler.timesteps.numel() - 1)
+    for label, sampler, make in tqdm(settings, desc="demo", unit="setting", leave=False, disable=None):
         gen = torch.Generator(device=device).manual_seed(args.seed)
         noise = torch.randn(n, 2, generator=gen, dtype=mix.dtype, device=device)  # same noise for every setting
-        field = GaussianMixtureVelocity(mix)
+        field = _Counted(make())
         sync()
         t0 = time.perf_counter()
-        x0 = sampler.sample(field, noise, generator=gen)
+        with torch.no_grad():
+            x0 = sampler.sample(field, noise, generator=gen)
         sync()
         wall = time.perf_counter() - t0
         d = mean_nearest_mode_distance(x0, mix)
         cov = mode_coverage(x0, mix)
         near = fraction_near_modes(x0, mix)
         image = render_scatter(
-            x0.detach().cpu().numpy(), out_dir / f"{label}.png", modes=mix.means.cpu().numpy(),
+            x0.detach().cpu().numpy(), out_dir / f"{label.replace(' ', '_')}.png", modes=mix.means.cpu().numpy(),
             mode_radii=radii, size=args.image_size,
             title=f"{label}: NFE {sampler.nfe}, mean NN-mode dist {d:.3f}, modes {cov}/{mix.num_modes}")
         rows.append({
-            "setting": label, "steps": steps, "nfe": int(sampler.nfe), "model_calls": field.calls,
+            "setting": label, "steps": sampler.sampling_steps, "nfe": int(sampler.nfe), "model_calls": field.calls,
             "mean_nearest_mode_distance": d, "modes_covered": cov, "fraction_near_modes": near,
             "wall_time_s": wall,
             "image": image.name,
@@ -191,3 +210,15 @@ def _run_demo(args: argparse.Namespace) -> int:
           "sample within 3σ; within 3σ: share of samples within 3σ of a mode (exact samples: 98.9%)")
     print(f"wrote {len(rows)} images and demo.json to {out_dir}")
     return 0
+
+
+class _Counted:
+    """Counts the model calls the sampler makes."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+

@@ -60,6 +60,8 @@ __all__ = [
     "mode_counts",
     "mode_coverage",
     "fraction_near_modes",
+    "ToyNet",
+    "train_toy",
 ]
 
 _Number = Union[int, float]
@@ -313,3 +315,50 @@ def fraction_near_modes(samples: torch.Tensor, mixture: GaussianMixture2D,
     if near.shape[0] == 0:
         return float("nan")
     return float(near.any(dim=1).double().mean())
+
+
+class ToyNet(torch.nn.Module):
+    """A small MLP velocity field on R² for TwinFlow training: x, emb(t), emb(tt) → v.
+    The embedding keeps the sign of t (negative t marks the twin trajectory, SPEC §1)."""
+
+    def __init__(self, hidden: int = 128, n_freq: int = 6):
+        super().__init__()
+        self.register_buffer("freqs", (2.0 ** torch.arange(n_freq)) * (math.pi / 2))
+        d_in = 2 + 2 * (1 + 2 * n_freq)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d_in, hidden), torch.nn.SiLU(),
+            torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
+            torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
+            torch.nn.Linear(hidden, 2),
+        )
+
+    def emb(self, t: torch.Tensor) -> torch.Tensor:
+        a = t[:, None] * self.freqs
+        return torch.cat([t[:, None], torch.sin(a), torch.cos(a)], dim=1)
+
+    def forward(self, x, t, tt, c=None):
+        return self.net(torch.cat([x, self.emb(t), self.emb(tt)], dim=1))
+
+
+def train_toy(recipe: str = "twinflow", steps: int = 1500, batch: int = 256, lr: float = 3e-3,
+              seed: int = 0, mixture: Optional[GaussianMixture2D] = None, progress: bool = False) -> ToyNet:
+    """Train a fresh :class:`ToyNet` on the mixture with ``TwinFlowLoss(recipe)`` and Adam."""
+    from tqdm.auto import tqdm
+
+    from .losses import TwinFlowLoss
+
+    torch.manual_seed(seed)
+    mix = mixture if mixture is not None else GaussianMixture2D()
+    model = ToyNet().to(mix.means.device)
+    loss_fn = TwinFlowLoss(recipe=recipe)
+    g = torch.Generator(device=mix.means.device).manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in tqdm(range(steps), desc=f"train {recipe}", disable=not progress, leave=False):
+        loss = loss_fn(model, mix.sample(batch, generator=g).float(), generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"training diverged: loss {loss.item()}")
+    return model.eval()
+
