@@ -58,25 +58,7 @@ OUR_KEYS = (
 # ----------------------------------------------------------------------------- helpers
 
 
-def _is_panic(e: BaseException) -> bool:
-    t = type(e)
-    return t.__name__ == "PanicException" or (t.__module__ or "").startswith("pyo3_runtime")
-
-
-def expect_error(exc_types, fn, *, contains=()):
-    """Call fn, require an exception of exc_types (never a panic) whose message mentions one of `contains`."""
-    try:
-        fn()
-    except BaseException as e:  # noqa: BLE001 - PanicException is a BaseException
-        assert not _is_panic(e), f"Rust panic leaked to Python: {type(e)!r}: {e}"
-        if not isinstance(e, exc_types):
-            raise AssertionError(f"expected {exc_types}, got {type(e).__name__}: {e}") from e
-        alts = [contains] if isinstance(contains, str) else list(contains)
-        if alts:
-            msg = str(e)
-            assert any(c in msg for c in alts), f"message {msg!r} mentions none of {alts!r}"
-        return e
-    raise AssertionError(f"no exception raised (expected {exc_types})")
+from checks import expect_error  # noqa: E402
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -662,7 +644,7 @@ def test_invalid_settings_via_from_config(field, value):
 @pytest.mark.parametrize("n", (0, -1))
 def test_zero_steps(n):
     s = TwinFlowScheduler()
-    expect_error(ValueError, lambda: s.set_timesteps(n), contains=("sampling_steps", "num_inference_steps"))
+    expect_error(ValueError, lambda: s.set_timesteps(n), contains=(("sampling_steps", "num_inference_steps"),))
 
 
 def test_pipeline_grid_needs_sigmas():
