@@ -152,6 +152,8 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         self._generator = None
         device = torch.device(device) if device is not None else self.tt.device
         if self.tt.device != device:
+            # A new tensor: wire transformers with set_target_time(transformer, scheduler), which
+            # reads scheduler.tt at every call, to follow the move.
             self.tt = self.tt.to(device)
         self.tt.fill_(evals[0][1])
 

@@ -1,0 +1,101 @@
+"""Helpers shared by the per-backbone patches."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Callable, Dict, Optional
+
+import torch
+
+# Attribute of a patched transformer: the tt tensor (t units, 1 = noise), an object with a
+# `tt` tensor attribute (a TwinFlowScheduler), or None (tt = t).
+# Set with object.__setattr__ so that a tensor is not registered as a buffer (no state-dict key).
+TT_ATTR = "_twinflow_tt"
+# Attribute recording (model, mode) of a patched transformer.
+PATCH_ATTR = "_twinflow_patch"
+
+
+def is_patched(transformer: torch.nn.Module) -> bool:
+    return getattr(transformer, PATCH_ATTR, None) is not None
+
+
+def target_time(transformer: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """tt broadcast to the shape of `t` ([B], t units), or `t` itself when no tt is set.
+    The source is a tensor, or an object whose `tt` attribute is one (read at every call)."""
+    tt = getattr(transformer, TT_ATTR, None)
+    if tt is not None and not isinstance(tt, torch.Tensor):
+        tt = tt.tt
+    if tt is None:
+        return t
+    return tt.to(device=t.device, dtype=t.dtype).expand_as(t) if tt.numel() == 1 else tt.to(t.device, t.dtype)
+
+
+def lora_label(t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+    """The single time label of the LoRA variant (SPEC §4), in t units."""
+    return t - tt / 2
+
+
+def mark(transformer: torch.nn.Module, model: str, mode: str) -> None:
+    if mode not in ("aux", "lora"):
+        raise ValueError(f'mode: expected "aux" or "lora", got {mode!r}')
+    object.__setattr__(transformer, PATCH_ATTR, (model, mode))
+    if not hasattr(transformer, TT_ATTR):
+        object.__setattr__(transformer, TT_ATTR, None)
+
+
+def patched_mode(transformer: torch.nn.Module) -> Optional[str]:
+    p = getattr(transformer, PATCH_ATTR, None)
+    return None if p is None else p[1]
+
+
+# On a hooked embedder: its instance-level `forward` before patching (None: the class's).
+_SAVED = "_twinflow_saved_forward"
+
+
+def fresh_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of an embedder without any instance-level forward wrapper."""
+    aux = copy.deepcopy(module)
+    aux.__dict__.pop("forward", None)
+    aux.__dict__.pop(_SAVED, None)
+    return aux
+
+
+def install(transformer: torch.nn.Module, *, model: str, mode: str, embed_name: str, aux_name: str,
+            forwards: Dict[str, Callable], make_aux: Callable[[torch.nn.Module], torch.nn.Module] = fresh_copy
+            ) -> torch.nn.Module:
+    """The common patching flow: idempotent per mode, the aux embedder registered at `aux_name`
+    (kept when already there, e.g. trained weights), and the embedder's forward replaced by
+    ``forwards[mode](transformer, original_forward, *args)`` on the instance, so parameter
+    names do not change. functools.partial (not a closure): a deep copy of the transformer
+    rebinds to the copy's modules."""
+    if mode not in forwards:
+        raise ValueError(f'mode: expected one of {sorted(forwards)}, got {mode!r}')
+    current = patched_mode(transformer)
+    if current == mode:
+        return transformer
+    if current is not None:
+        raise ValueError(f"{model}: already patched in mode {current!r}; unpatch it first")
+    embed = getattr(transformer, embed_name)
+    if mode == "aux" and not isinstance(getattr(transformer, aux_name, None), torch.nn.Module):
+        transformer.add_module(aux_name, make_aux(embed))
+    object.__setattr__(embed, _SAVED, embed.__dict__.get("forward"))
+    embed.forward = functools.partial(forwards[mode], transformer, embed.forward)
+    mark(transformer, model, mode)
+    return transformer
+
+
+def uninstall(transformer: torch.nn.Module, *, embed_name: str, aux_name: str) -> torch.nn.Module:
+    """Undo `install`: the stock forward, no aux embedder, no tt wiring."""
+    embed = getattr(transformer, embed_name)
+    if _SAVED in embed.__dict__:
+        saved = embed.__dict__.pop(_SAVED)
+        if saved is None:
+            embed.__dict__.pop("forward", None)
+        else:
+            embed.forward = saved
+    if aux_name in transformer._modules:
+        del transformer._modules[aux_name]
+    transformer.__dict__.pop(PATCH_ATTR, None)
+    transformer.__dict__.pop(TT_ATTR, None)
+    return transformer

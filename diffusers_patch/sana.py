@@ -1,0 +1,98 @@
+"""TwinFlow patch for ``diffusers.SanaTransformer2DModel`` (the Sana backbone of OpenUni), SPEC §4.
+
+Time convention: SanaPipeline passes ``timestep = t_s · timestep_scale`` where t_s is the
+scheduler's timestep, ``1000·t`` for its flow-matching schedulers (t in "t units", 1 = noise,
+0 = data); so the transformer gets ``S·t`` with ``S = 1000 · config.timestep_scale``. The
+transformer embeds it with
+``timestep, embedded_timestep = self.time_embed(timestep, batch_size=..., hidden_dtype=...)``
+(``AdaLayerNormSingle``: ``embedded = emb(timestep)``, ``modulation = linear(silu(embedded))``;
+the modulation feeds every block, the embedded timestep the output norm). That call is the
+only one hooked: the ``forward`` of the ``time_embed`` instance is replaced (parameter names
+unchanged).
+
+mode "aux" (SPEC §4 row "Sana (OpenUni)")::
+
+    (mod, emb)   = time_embed(S·t)
+    (mod₂, emb₂) = time_embed_2(S·tt)
+    returns (mod + mod₂·(t − tt), emb + emb₂·(t − tt))
+
+i.e. the aux term is added to both the modulation and the embedded timestep. t = timestep/S,
+tt = ``_common.target_time`` (tt = t when none is set: stock output exactly). SPEC writes
+emb₂(tt); here tt is given to emb₂ in the embedder's own input units (S·tt, like the main
+embedder and like the SD3 row), while the scale (t − tt) is in t units. ``time_embed_2`` is a
+deep copy of ``time_embed``; SPEC gives no published key names for Sana, ``AUX_PREFIX`` mirrors
+the Qwen-Image naming.
+
+mode "lora"::  time_embed(S·(t − tt/2)), no second embedder.
+
+Not supported: ``guidance_embeds=True`` (Sana-Sprint: its pipeline passes a TrigFlow-derived
+timestep without ``timestep_scale``, a different convention) — ValueError. OpenUni's own
+wrapper around Sana is not part of diffusers and is not patched here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import install, lora_label, target_time, uninstall
+
+MODEL = "sana"
+MAIN = "time_embed"
+AUX = "time_embed_2"
+AUX_PREFIX = AUX + "."
+#: scheduler timesteps are t · NUM_TRAIN_TIMESTEPS (before the pipeline's timestep_scale)
+NUM_TRAIN_TIMESTEPS = 1000.0
+
+__all__ = ["AUX_PREFIX", "patch", "unpatch"]
+
+
+def _check(transformer) -> None:
+    from diffusers import SanaTransformer2DModel
+
+    if not isinstance(transformer, SanaTransformer2DModel):
+        raise TypeError(f"sana.patch: expected a diffusers SanaTransformer2DModel, got {type(transformer).__name__}")
+
+
+def _scale(transformer) -> float:
+    """S: the transformer's timestep is t · S."""
+    return NUM_TRAIN_TIMESTEPS * float(transformer.config.timestep_scale)
+
+
+def _times(transformer, timestep: torch.Tensor, scale: float):
+    """(t, tt) in t units, in at least float32, shape of `timestep`."""
+    t = timestep.to(torch.promote_types(timestep.dtype, torch.float32)) / scale
+    return t, target_time(transformer, t)
+
+
+def _aux_forward(transformer, orig, timestep, *args, **kwargs):
+    mod, emb = orig(timestep, *args, **kwargs)
+    scale = _scale(transformer)
+    t, tt = _times(transformer, timestep, scale)
+    mod2, emb2 = transformer._modules[AUX](tt * scale, *args, **kwargs)
+    d = (t - tt).unsqueeze(-1)
+    return mod + mod2 * d.to(mod2.dtype), emb + emb2 * d.to(emb2.dtype)
+
+
+def _lora_forward(transformer, orig, timestep, *args, **kwargs):
+    scale = _scale(transformer)
+    t, tt = _times(transformer, timestep, scale)
+    return orig(lora_label(t, tt) * scale, *args, **kwargs)
+
+
+_FORWARDS = {"aux": _aux_forward, "lora": _lora_forward}
+
+
+def patch(transformer: torch.nn.Module, mode: str = "aux") -> torch.nn.Module:
+    """Patch a SanaTransformer2DModel in place (idempotent); returns it. Wire tt with
+    ``diffusers_patch.set_target_time(transformer, scheduler.tt)``."""
+    _check(transformer)
+    if transformer.config.guidance_embeds:
+        raise ValueError("sana.patch: guidance_embeds=True (Sana-Sprint) is not supported: "
+                         "its pipeline uses a different timestep convention")
+    return install(transformer, model=MODEL, mode=mode, embed_name=MAIN, aux_name=AUX, forwards=_FORWARDS)
+
+
+def unpatch(transformer: torch.nn.Module) -> torch.nn.Module:
+    """Restore the stock behaviour and keys (drops the aux embedder and the tt wiring)."""
+    _check(transformer)
+    return uninstall(transformer, embed_name=MAIN, aux_name=AUX)
