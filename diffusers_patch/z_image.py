@@ -24,7 +24,6 @@ clean images) are passed through unchanged, so clean tokens keep the stock embed
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
