@@ -31,6 +31,12 @@ def target_time(transformer: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
     return tt.to(device=t.device, dtype=t.dtype).expand_as(t) if tt.numel() == 1 else tt.to(t.device, t.dtype)
 
 
+def scaled_times(transformer: torch.nn.Module, timestep: torch.Tensor, scale: float):
+    """(t, tt) in t units and at least float32, for a model fed timestep = t · scale."""
+    t = timestep.to(torch.promote_types(timestep.dtype, torch.float32)) / scale
+    return t, target_time(transformer, t)
+
+
 def lora_label(t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
     """The single time label of the LoRA variant (SPEC §4), in t units."""
     return t - tt / 2

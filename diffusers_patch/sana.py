@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import install, lora_label, target_time, uninstall
+from ._common import install, lora_label, scaled_times, uninstall
 
 MODEL = "sana"
 MAIN = "time_embed"
@@ -58,16 +58,10 @@ def _scale(transformer) -> float:
     return NUM_TRAIN_TIMESTEPS * float(transformer.config.timestep_scale)
 
 
-def _times(transformer, timestep: torch.Tensor, scale: float):
-    """(t, tt) in t units, in at least float32, shape of `timestep`."""
-    t = timestep.to(torch.promote_types(timestep.dtype, torch.float32)) / scale
-    return t, target_time(transformer, t)
-
-
 def _aux_forward(transformer, orig, timestep, *args, **kwargs):
     mod, emb = orig(timestep, *args, **kwargs)
     scale = _scale(transformer)
-    t, tt = _times(transformer, timestep, scale)
+    t, tt = scaled_times(transformer, timestep, scale)
     mod2, emb2 = transformer._modules[AUX](tt * scale, *args, **kwargs)
     d = (t - tt).unsqueeze(-1)
     return mod + mod2 * d.to(mod2.dtype), emb + emb2 * d.to(emb2.dtype)
@@ -75,7 +69,7 @@ def _aux_forward(transformer, orig, timestep, *args, **kwargs):
 
 def _lora_forward(transformer, orig, timestep, *args, **kwargs):
     scale = _scale(transformer)
-    t, tt = _times(transformer, timestep, scale)
+    t, tt = scaled_times(transformer, timestep, scale)
     return orig(lora_label(t, tt) * scale, *args, **kwargs)
 
 
@@ -84,7 +78,7 @@ _FORWARDS = {"aux": _aux_forward, "lora": _lora_forward}
 
 def patch(transformer: torch.nn.Module, mode: str = "aux") -> torch.nn.Module:
     """Patch a SanaTransformer2DModel in place (idempotent); returns it. Wire tt with
-    ``diffusers_patch.set_target_time(transformer, scheduler.tt)``."""
+    ``diffusers_patch.set_target_time(transformer, scheduler)``."""
     _check(transformer)
     if transformer.config.guidance_embeds:
         raise ValueError("sana.patch: guidance_embeds=True (Sana-Sprint) is not supported: "

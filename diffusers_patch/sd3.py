@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import install, lora_label, target_time, uninstall
+from ._common import install, lora_label, scaled_times, uninstall
 
 MODEL = "sd3"
 MAIN = "time_text_embed"
@@ -47,21 +47,15 @@ def _check(transformer) -> None:
         raise TypeError(f"sd3.patch: expected a diffusers SD3Transformer2DModel, got {type(transformer).__name__}")
 
 
-def _times(transformer, timestep: torch.Tensor):
-    """(t, tt) in t units, in at least float32, shape of `timestep`."""
-    t = timestep.to(torch.promote_types(timestep.dtype, torch.float32)) / TIME_SCALE
-    return t, target_time(transformer, t)
-
-
 def _aux_forward(transformer, orig, timestep, pooled_projection):
     temb = orig(timestep, pooled_projection)
-    t, tt = _times(transformer, timestep)
+    t, tt = scaled_times(transformer, timestep, TIME_SCALE)
     aux = transformer._modules[AUX](tt * TIME_SCALE, pooled_projection)
     return temb + aux * (t - tt).to(aux.dtype).unsqueeze(-1)
 
 
 def _lora_forward(transformer, orig, timestep, pooled_projection):
-    t, tt = _times(transformer, timestep)
+    t, tt = scaled_times(transformer, timestep, TIME_SCALE)
     return orig(lora_label(t, tt) * TIME_SCALE, pooled_projection)
 
 
@@ -70,7 +64,7 @@ _FORWARDS = {"aux": _aux_forward, "lora": _lora_forward}
 
 def patch(transformer: torch.nn.Module, mode: str = "aux") -> torch.nn.Module:
     """Patch an SD3Transformer2DModel in place (idempotent); returns it. Wire tt with
-    ``diffusers_patch.set_target_time(transformer, scheduler.tt)``."""
+    ``diffusers_patch.set_target_time(transformer, scheduler)``."""
     _check(transformer)
     return install(transformer, model=MODEL, mode=mode, embed_name=MAIN, aux_name=AUX, forwards=_FORWARDS)
 
