@@ -4,7 +4,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
 use pyo3_tch::PyTensor;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::error::Error;
 
@@ -24,6 +24,23 @@ pub fn tensor_arg(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<Tensor> {
     obj.extract::<PyTensor>()
         .map(|t| t.0)
         .map_err(|_| PyTypeError::new_err(format!("{field} must be a torch.Tensor, got {}", type_name(obj))))
+}
+
+/// A tensor argument that must match `like` in shape, dtype and device (ValueError otherwise).
+pub fn tensor_like(obj: &Bound<'_, PyAny>, field: &str, like: &Tensor) -> PyResult<Tensor> {
+    let t = tensor_arg(obj, field)?;
+    if t.size() != like.size() || t.device() != like.device() || t.f_kind().ok() != like.f_kind().ok() {
+        return Err(PyValueError::new_err(format!(
+            "{field} must match x (shape {:?}, {:?}, {:?}), got shape {:?}, {:?}, {:?}",
+            like.size(),
+            like.f_kind().unwrap_or(Kind::Uint8),
+            like.device(),
+            t.size(),
+            t.f_kind().unwrap_or(Kind::Uint8),
+            t.device()
+        )));
+    }
+    Ok(t)
 }
 
 pub fn float_arg(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {

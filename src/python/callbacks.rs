@@ -13,6 +13,12 @@ use crate::rng::Rng;
 use crate::sampler::VelocityModel;
 use crate::train::{Call, CondKind, Net, TrainModel};
 
+/// The tensor a model call returned (TypeError otherwise).
+fn model_output(out: &Bound<'_, PyAny>) -> PyResult<PyTensor> {
+    out.extract::<PyTensor>()
+        .map_err(|_| PyTypeError::new_err(format!("model must return a torch.Tensor, got {}", type_name(out))))
+}
+
 /// Calls the user's `model(x_t, t=t, tt=tt, **kwargs)`; keeps the Python error for re-raising.
 pub struct PyModel {
     pub model: Py<PyAny>,
@@ -31,9 +37,7 @@ impl PyModel {
         kwargs.set_item("tt", PyTensor(tt.shallow_clone()).into_pyobject(py)?)?;
         let x = PyTensor(x.shallow_clone()).into_pyobject(py)?;
         let out = self.model.bind(py).call((x,), Some(&kwargs))?;
-        let f = out.extract::<PyTensor>().map_err(|_| {
-            PyTypeError::new_err(format!("model must return a torch.Tensor, got {}", type_name(&out)))
-        })?;
+        let f = model_output(&out)?;
         if let Some(p) = &self.progress {
             p.bind(py).call_method1("update", (1,))?;
         }
@@ -126,9 +130,7 @@ impl PyTrainModel {
         kwargs.set_item("tt", PyTensor(tt.shallow_clone()))?;
         kwargs.set_item("c", c)?;
         let out = net.bind(py).call((PyTensor(x.shallow_clone()),), Some(&kwargs))?;
-        let f = out.extract::<PyTensor>().map_err(|_| {
-            PyTypeError::new_err(format!("model must return a torch.Tensor, got {}", type_name(&out)))
-        })?;
+        let f = model_output(&out)?;
         Ok(f.0)
     }
 }

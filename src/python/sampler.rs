@@ -4,9 +4,9 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use pyo3_tch::PyTensor;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use super::args::{float_arg, floats_arg, int_arg, tensor_arg, to_pyerr, type_name};
+use super::args::{float_arg, floats_arg, int_arg, tensor_arg, tensor_like, to_pyerr, type_name};
 use super::callbacks::{PyModel, PyRng};
 use crate::config::{SamplerConfig, SamplingStyle, StochastRatio};
 use crate::error::Error;
@@ -337,21 +337,7 @@ pub fn ucgm_step(
     if !is_float(kind) {
         return Err(PyTypeError::new_err(format!("x must be a floating-point tensor, got {kind:?}")));
     }
-    let like = |obj: &Bound<'_, PyAny>, field: &str| -> PyResult<Tensor> {
-        let t = tensor_arg(obj, field)?;
-        if t.size() != xt.size() || t.device() != xt.device() || t.f_kind().ok() != Some(kind) {
-            return Err(PyValueError::new_err(format!(
-                "{field} must match x (shape {:?}, {kind:?}, {:?}), got shape {:?}, {:?}, {:?}",
-                xt.size(),
-                xt.device(),
-                t.size(),
-                t.f_kind().unwrap_or(Kind::Uint8),
-                t.device()
-            )));
-        }
-        Ok(t)
-    };
-    let f = like(velocity, "velocity")?;
+    let f = tensor_like(velocity, "velocity", &xt)?;
     let (tc, tn) = (float_arg(t_cur, "t_cur")?, float_arg(t_next, "t_next")?);
     let s = match stochast_ratio {
         Some(v) if !v.is_none() => float_arg(v, "stochast_ratio")?,
@@ -366,7 +352,7 @@ pub fn ucgm_step(
         return Err(PyValueError::new_err(format!("stochast_ratio: must be in [0, 1], got {s}")));
     }
     let eps = match noise.filter(|n| !n.is_none()) {
-        Some(n) => Some(like(n, "noise")?),
+        Some(n) => Some(tensor_like(n, "noise", &xt)?),
         None if s > 0.0 => {
             return Err(PyValueError::new_err("noise: required when stochast_ratio > 0"));
         }
@@ -374,7 +360,7 @@ pub fn ucgm_step(
     };
     let out_t = match out.filter(|o| !o.is_none()) {
         Some(o) => {
-            let t = like(o, "out")?;
+            let t = tensor_like(o, "out", &xt)?;
             let (a0, a1) = byte_range(&t);
             for input in [Some(&xt), Some(&f), eps.as_ref()].into_iter().flatten() {
                 let (b0, b1) = byte_range(input);
@@ -451,18 +437,7 @@ impl PyStepper {
     fn step(&self, py: Python<'_>, x: &Bound<'_, PyAny>, velocity: &Bound<'_, PyAny>, generator: Option<Bound<'_, PyAny>>) -> PyResult<PyTensor> {
         let xt = tensor_arg(x, "x")?;
         Sampler::check_noise(&xt).map_err(to_pyerr)?;
-        let f = tensor_arg(velocity, "velocity")?;
-        if f.size() != xt.size() || f.device() != xt.device() || f.f_kind().ok() != xt.f_kind().ok() {
-            return Err(PyValueError::new_err(format!(
-                "velocity must match x (shape {:?}, {:?}, {:?}), got shape {:?}, {:?}, {:?}",
-                xt.size(),
-                xt.f_kind().unwrap_or(Kind::Uint8),
-                xt.device(),
-                f.size(),
-                f.f_kind().unwrap_or(Kind::Uint8),
-                f.device()
-            )));
-        }
+        let f = tensor_like(velocity, "velocity", &xt)?;
         let mut rng = PyRng::new(generator);
         let inner = &self.inner;
         let (res, rng) = py.allow_threads(move || {
