@@ -11,13 +11,17 @@ from ._core import UnifiedSampler, __version__, ucgm_step
 from .losses import TwinFlowLoss
 
 
-def __getattr__(name):
-    # The scheduler imports diffusers: load it only when asked for.
-    if name == "TwinFlowScheduler":
-        from .scheduler import TwinFlowScheduler
+# Names whose modules import diffusers: loaded only when asked for.
+_LAZY = {"TwinFlowScheduler": "scheduler", "TwinFlowPresetScheduler": "scheduler", "scheduler_for_steps": "scheduler",
+         "preset_for_steps": "scheduler", "load_pipeline": "pipelines"}
 
-        return TwinFlowScheduler
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'twinflow' has no attribute {name!r}")
 
 
-__all__ = ["UnifiedSampler", "TwinFlowLoss", "TwinFlowScheduler", "ucgm_step", "__version__"]
+__all__ = ["UnifiedSampler", "TwinFlowLoss", "ucgm_step", "__version__", *_LAZY]

@@ -13,11 +13,12 @@ and register it with its argument builder::
         return 0
 
 in a module named in ``_COMMAND_MODULES`` (imported when the parser is built).
-A command that raises ``ValueError`` (invalid user input) gets a one-line
+A command that raises ``ValueError`` (invalid user input) or ``FileNotFoundError`` gets a one-line
 ``twinflow <command>: error: ...`` and exit status 1; ``main`` returns the
 command's exit status.
 
-Commands: ``demo`` (twinflow.demo).
+Commands: ``demo`` (twinflow.demo), ``generate`` (twinflow.generate),
+``train`` (twinflow.training.command).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ COMMANDS: Dict[str, Command] = {}
 
 # Modules that register their commands on import (kept out of `twinflow --help`'s imports
 # until the parser is built).
-_COMMAND_MODULES: Sequence[str] = ("twinflow.demo",)
+_COMMAND_MODULES: Sequence[str] = ("twinflow.demo", "twinflow.generate", "twinflow.tutorials.mnist.cli",
+                                     "twinflow.training.command")
 
 
 def register_command(name: str, *, help: str,
@@ -109,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         rc = COMMANDS[args.command].run(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input or a missing file the user named
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0 if rc is None else int(rc)

@@ -43,6 +43,11 @@ class TwinFlowLoss:
         self._pending_teacher: Optional[Dict[str, torch.Tensor]] = None  # from load_state_dict
 
     @property
+    def uses_teacher(self) -> bool:
+        """Whether these settings ever call a teacher (so a copy or adapter must be kept)."""
+        return bool(self._objective.needs_teacher)
+
+    @property
     def config(self) -> Dict[str, Any]:
         """The effective settings (recipe plus overrides)."""
         return self._objective.to_dict()
@@ -71,10 +76,15 @@ class TwinFlowLoss:
         self._last = (stats, calls, decay)
         return loss
 
+    def ema_update(self, ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> float:
+        """One EMA update of ``ema_params`` towards ``params`` (in place) on this loss's warm-up
+        schedule; returns the decay used. For callers that keep their own teacher and pass it
+        as ``teacher=`` (a LoRA adapter, FSDP shards): the schedule and ``state_dict()`` are the
+        same as with the internal teacher."""
+        return self._objective.ema_update(list(ema_params), list(params))
+
     def _ema_update(self, model: torch.nn.Module) -> float:
-        ema = list(self.teacher.parameters())
-        online = list(model.parameters())
-        decay = self._objective.ema_update(ema, online)
+        decay = self.ema_update(self.teacher.parameters(), model.parameters())
         with torch.no_grad():  # buffers (e.g. BatchNorm statistics) follow the model
             for b_ema, b in zip(self.teacher.buffers(), model.buffers()):
                 b_ema.copy_(b)

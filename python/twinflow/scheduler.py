@@ -13,6 +13,11 @@ Reproducibility: stochastic steps draw from ``generator`` when `step` gets one. 
 pipelines (QwenImage, ZImage, SD3) never pass it, so otherwise the scheduler seeds its own
 generator from a hash of the first sample it steps (the initial latents, drawn from the
 pipeline's generator): the same pipeline seed gives the same image every run.
+
+Presets by step count: ``preset_for_steps(n)`` maps 1 → "1-nfe", 2 → "2-nfe", ≥ 3 → "4-nfe"
+(SPEC §2 table); ``scheduler_for_steps(n)`` is that preset as a scheduler, and
+``TwinFlowPresetScheduler`` re-applies the mapping at every ``set_timesteps`` (what
+``twinflow.load_pipeline`` installs).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from diffusers.utils import BaseOutput
 
 from ._core import SamplerStepper, UnifiedSampler
 
-__all__ = ["TwinFlowScheduler", "TwinFlowSchedulerOutput"]
+__all__ = ["TwinFlowScheduler", "TwinFlowSchedulerOutput", "TwinFlowPresetScheduler", "preset_for_steps",
+           "scheduler_for_steps"]
 
 _TIME_GRIDS = ("ucgm", "pipeline")
 
@@ -200,6 +206,47 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+# Presets by step count (SPEC §2 table); twinflow.load_pipeline installs TwinFlowPresetScheduler.
+
+def preset_for_steps(steps: int) -> str:
+    """The published preset for a step count: 1 → "1-nfe", 2 → "2-nfe", ≥ 3 → "4-nfe"."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: must be an int >= 1, got {steps!r}")
+    return {1: "1-nfe", 2: "2-nfe"}.get(steps, "4-nfe")
+
+
+def scheduler_for_steps(steps: int, **overrides) -> TwinFlowScheduler:
+    """A TwinFlowScheduler with the preset of `steps` (``preset_for_steps``); keywords override
+    its settings. Pass the same `steps` as the pipeline's num_inference_steps."""
+    return TwinFlowScheduler.preset(preset_for_steps(steps), **overrides)
+
+
+def _preset_step_settings(steps: int) -> dict:
+    # The 1/2/4-NFE presets differ only in these two settings (SPEC §2 table).
+    s = UnifiedSampler.preset(preset_for_steps(steps)).to_dict()
+    return {"stochast_ratio": s["stochast_ratio"], "rfba_gap_steps": tuple(s["rfba_gap_steps"])}
+
+
+class TwinFlowPresetScheduler(TwinFlowScheduler):
+    """A TwinFlowScheduler whose ``stochast_ratio`` and ``rfba_gap_steps`` follow the published
+    preset of each call's step count (``preset_for_steps``); the other settings (style, order,
+    extrapolation, time warp) are its config's. One object for every step count, so a
+    transformer wired to it stays wired. (Its own ``stochast_ratio``/``rfba_gap_steps`` are
+    replaced at every ``set_timesteps``.)"""
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None,
+                      device: Union[str, torch.device, None] = None,
+                      sigmas: Optional[Sequence[float]] = None, mu: Optional[float] = None,
+                      timesteps: Optional[Sequence[float]] = None) -> None:
+        steps = num_inference_steps
+        if steps is None:  # QwenImage/ZImage pipelines pass only sigmas (one per step)
+            given = sigmas if sigmas is not None else timesteps
+            steps = len(given) if given is not None else None
+        if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1:
+            self.register_to_config(**_preset_step_settings(steps))
+        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
 
 
 def _seed_of(sample: torch.Tensor) -> int:

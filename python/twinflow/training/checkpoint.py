@@ -1,0 +1,192 @@
+"""Atomic, verifiable training checkpoints.
+
+Layout of ``<output>/checkpoints/step-000123/``::
+
+    transformer/            diffusers layout (config.json + diffusion_pytorch_model*.safetensors),
+                            the aux embedder keys included        — full fine-tuning
+    transformer_ema/        the EMA teacher, same layout          — when the config keeps one
+    lora/, lora_teacher/    peft adapters (adapter_config.json + adapter_model.safetensors) — LoRA
+    trainer_state.pt        step, epoch position, optimizer, lr scheduler, TwinFlowLoss EMA state
+    rng_states.pt           every rank's RNG states
+    twinflow_train.json     the resolved config, backbone and patch mode
+    COMPLETE.json           written last: size and sha256 of every file above
+
+Rank 0 writes everything into ``step-000123.tmp-<pid>`` and renames it when COMPLETE.json is
+on disk, so a run killed mid-save leaves only a ``.tmp-`` folder, which is never loaded (and
+removed by the next save). Loading checks every size and hash first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+from typing import Dict, List, Optional
+
+import torch
+
+MARKER = "COMPLETE.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
+
+
+def step_dir(root: pathlib.Path, step: int) -> pathlib.Path:
+    return root / f"step-{step:06d}"
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+        os.fsync(f.fileno())  # on disk before the marker says so
+    return h.hexdigest()
+
+
+def save_diffusers(folder: pathlib.Path, config_owner, state_dict: Dict[str, torch.Tensor]) -> None:
+    """What ``ModelMixin.save_pretrained`` writes (config.json, safetensors shards of 10GB and
+    their index), from a state dict, which is all rank 0 holds of an FSDP-sharded model."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config_owner.save_config(folder)
+    split = split_torch_state_dict_into_shards(state_dict, filename_pattern=WEIGHTS, max_shard_size="10GB")
+    for fname, keys in split.filename_to_tensors.items():
+        save_file({k: state_dict[k].contiguous() for k in keys}, str(folder / fname), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / (WEIGHTS.format(suffix="") + ".index.json")).write_text(json.dumps(index, indent=2))
+
+
+def load_diffusers_weights(folder: pathlib.Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: Dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def save_peft(folder: pathlib.Path, lora_config, state_dict: Dict[str, torch.Tensor]) -> None:
+    """peft's adapter format: adapter_config.json + adapter_model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lora_config.save_pretrained(str(folder))
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def load_peft_weights(folder: pathlib.Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def write(root: pathlib.Path, step: int, writer) -> pathlib.Path:
+    """Rank 0: ``writer(tmp_dir)`` fills a temp folder; hash it, write the marker, rename."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("step-*.tmp-*"):  # a save killed half-way
+        shutil.rmtree(stale, ignore_errors=True)
+    final = step_dir(root, step)
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    writer(tmp)
+    files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    marker = tmp / MARKER
+    marker.write_text(json.dumps({"step": step, "files": files}, indent=1))
+    with open(marker, "rb") as f:
+        os.fsync(f.fileno())
+    if final.exists():  # re-saving a step (e.g. the final one): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    dfd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return final
+
+
+def verify(path: pathlib.Path) -> dict:
+    """The marker of a complete, intact checkpoint; ValueError naming what is wrong."""
+    path = pathlib.Path(path)
+    marker = path / MARKER
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path}: not a folder")
+    if not marker.is_file():
+        raise ValueError(f"checkpoint {path}: incomplete ({MARKER} missing: the save was interrupted); "
+                         "refusing to load it")
+    try:
+        info = json.loads(marker.read_text())
+        files = info["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {path}: unreadable {MARKER} ({e}); refusing to load it") from None
+    for rel, meta in files.items():
+        p = path / rel
+        if not p.is_file():
+            raise ValueError(f"checkpoint {path}: corrupt, {rel} is missing; refusing to load it")
+        if p.stat().st_size != meta["size"]:
+            raise ValueError(f"checkpoint {path}: corrupt, {rel} has {p.stat().st_size} bytes, "
+                             f"expected {meta['size']}; refusing to load it")
+        if _sha256(p) != meta["sha256"]:
+            raise ValueError(f"checkpoint {path}: corrupt, {rel} does not match its sha256; refusing to load it")
+    return info
+
+
+def complete_checkpoints(root: pathlib.Path) -> List[pathlib.Path]:
+    """Finished checkpoints (marker present), oldest first; temp folders are not listed."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: Optional[str], root: pathlib.Path) -> Optional[pathlib.Path]:
+    """``--resume``: None/"none" → start fresh; "auto" → the newest complete checkpoint under
+    `root` (none yet: fresh); a path → that checkpoint. The chosen one is verified."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(root)
+        if not found:
+            return None
+        path = found[-1]
+    else:
+        path = pathlib.Path(resume)
+    verify(path)
+    return path
+
+
+def prune(root: pathlib.Path, keep_last: int) -> None:
+    for old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

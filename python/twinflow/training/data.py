@@ -1,0 +1,218 @@
+"""Training data: a parquet file of (text, image_bytes) rows or a folder of images + captions.
+
+Images are decoded with PIL, resized (shorter side) and center-cropped to the resolution,
+as [-1, 1] tensors. A parquet file may instead (or also) hold precomputed columns, each a
+safetensors blob per row: ``latents`` (one tensor ``latents`` [C, h, w]) and ``text_embeds``
+(the model's text tensors by name, e.g. ``prompt_embeds``, ``pooled_prompt_embeds``); then the
+VAE / text encoders are not needed for training. ``tensor_bytes``/``tensors_from_bytes`` write
+and read those blobs. Sharding across ranks: ``DistributedSampler``.
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LATENTS, TEXT_EMBEDS = "latents", "text_embeds"
+
+
+def tensor_bytes(tensors: Dict[str, torch.Tensor]) -> bytes:
+    """A safetensors blob of named tensors (a precomputed parquet cell)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def tensors_from_bytes(blob: bytes) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(bytes(blob))
+
+
+def load_image(data, resolution: int) -> torch.Tensor:
+    """Decode (bytes or a path), resize the shorter side to `resolution`, center-crop;
+    float32 [3, resolution, resolution] in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return arr.float().div_(127.5).sub_(1.0)
+
+
+class ParquetDataset(Dataset):
+    """Rows of a parquet file, read one row group at a time (the last one is cached)."""
+
+    def __init__(self, path, resolution: int, caption_column: str = "text", image_column: str = "image_bytes"):
+        import pyarrow.parquet as pq
+
+        self.path, self.resolution = str(path), resolution
+        self.file = pq.ParquetFile(self.path)
+        names = set(self.file.schema_arrow.names)
+        self.columns = {}  # field → column: precomputed when present, else the raw one
+        for field, raw, what in ((LATENTS, image_column, "image"), (TEXT_EMBEDS, caption_column, "caption")):
+            if field in names:
+                self.columns[field] = field
+            elif raw in names:
+                self.columns["image" if field == LATENTS else "text"] = raw
+            else:
+                raise ValueError(f"{path}: needs {what} column {raw!r} (data.{what}_column) or a precomputed "
+                                 f"{field!r} column; has {sorted(names)}")
+        self._starts: List[int] = []
+        n = 0
+        for i in range(self.file.num_row_groups):
+            self._starts.append(n)
+            n += self.file.metadata.row_group(i).num_rows
+        self._len = n
+        self._cached = (-1, None)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _row(self, index: int) -> dict:
+        import bisect
+
+        g = bisect.bisect_right(self._starts, index) - 1
+        if self._cached[0] != g:
+            self._cached = (g, self.file.read_row_group(g, columns=list(self.columns.values())).to_pydict())
+        rows = self._cached[1]
+        return {k: rows[col][index - self._starts[g]] for k, col in self.columns.items()}
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        row = self._row(index)
+        out = {}
+        if LATENTS in row:
+            out[LATENTS] = tensors_from_bytes(row[LATENTS])[LATENTS]
+        else:
+            out["pixel_values"] = load_image(row["image"], self.resolution)
+        if TEXT_EMBEDS in row:
+            out[TEXT_EMBEDS] = tensors_from_bytes(row[TEXT_EMBEDS])
+        else:
+            out["text"] = row["text"] or ""
+        return out
+
+    def __getstate__(self):  # DataLoader workers reopen the file
+        return {"path": self.path, "resolution": self.resolution, "columns": self.columns,
+                "_starts": self._starts, "_len": self._len}
+
+    def __setstate__(self, state):
+        import pyarrow.parquet as pq
+
+        self.__dict__.update(state)
+        self.file = pq.ParquetFile(self.path)
+        self._cached = (-1, None)
+
+
+class FolderDataset(Dataset):
+    """Images in a folder (recursively), each with a caption in a .txt file of the same stem."""
+
+    def __init__(self, path, resolution: int):
+        root = pathlib.Path(path)
+        self.resolution = resolution
+        self.images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.images:
+            raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        missing = [p for p in self.images if not p.with_suffix(".txt").is_file()]
+        if missing:
+            raise ValueError(f"{root}: {len(missing)} images without a caption file, e.g. "
+                             f"{missing[0].with_suffix('.txt')}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        p = self.images[index]
+        return {"pixel_values": load_image(p, self.resolution),
+                "text": p.with_suffix(".txt").read_text().strip()}
+
+
+def open_dataset(path, cfg) -> Dataset:
+    """A parquet file or an image folder, per `cfg` (a DataConfig)."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        return FolderDataset(p, cfg.resolution)
+    if p.is_file() and p.suffix == ".parquet":
+        return ParquetDataset(p, cfg.resolution, cfg.caption_column, cfg.image_column)
+    raise ValueError(f"--dataset-path: expected a .parquet file or an image folder, got {path}")
+
+
+def pad_stack(items: List[torch.Tensor]) -> torch.Tensor:
+    """Stack on a new batch dim, zero-padding dim 0 (the sequence) to the longest item."""
+    n = max(t.shape[0] for t in items) if items[0].dim() else 0
+    if all(t.shape == items[0].shape for t in items):
+        return torch.stack(items)
+    out = items[0].new_zeros((len(items), n, *items[0].shape[1:]))
+    for i, t in enumerate(items):
+        out[i, : t.shape[0]] = t
+    return out
+
+
+def collate(rows: List[dict]) -> dict:
+    out = {}
+    for key in rows[0]:
+        vals = [r[key] for r in rows]
+        if key == "text":
+            out[key] = vals
+        elif key == TEXT_EMBEDS:
+            out[key] = {k: pad_stack([v[k] for v in vals]) for k in vals[0]}
+        else:
+            out[key] = torch.stack(vals)
+    return out
+
+
+class ResumableSampler(Sampler):
+    """A DistributedSampler whose epoch can start after `skip` indices (resume mid-epoch
+    without decoding the batches already trained on)."""
+
+    def __init__(self, dataset, *, world: int, rank: int, shuffle: bool, seed: int):
+        self.inner = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
+                                        seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        it = iter(self.inner)
+        for _ in range(self.skip):
+            next(it, None)
+        return it
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
+
+
+def make_loader(dataset, *, batch_size: int, world: int, rank: int, shuffle: bool, seed: int,
+                num_workers: int) -> DataLoader:
+    if len(dataset) < batch_size * world:
+        raise ValueError(f"the dataset has {len(dataset)} rows, fewer than one global micro-batch "
+                         f"(training.batch_size {batch_size} × {world} processes)")
+    sampler = ResumableSampler(dataset, world=world, rank=rank, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, drop_last=True, persistent_workers=False)
+
+
+def load_null_embeds(path: Optional[str]) -> Optional[Dict[str, torch.Tensor]]:
+    if path is None:
+        return None
+    from safetensors.torch import load_file
+
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ValueError(f"data.null_text_embeds: no such file: {p}")
+    return load_file(str(p))

@@ -1,0 +1,450 @@
+"""The training loop: TwinFlowLoss on a patched diffusers transformer, one process or many.
+
+Determinism: the loss's random draws for micro-batch m of optimizer step s on rank r use a
+generator seeded from (seed, s, r·accum + m), so a resumed run draws exactly what an
+uninterrupted one would, and one process with ``grad_accum_steps = N`` computes the same
+update as N processes with one micro-batch each (given the same micro-batches).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import shutil
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .distributed import Dist, no_grad_sync, resolve_strategy, shard, wrap
+from .models import FAMILIES, TextEncoder, TwinFlowModel, add_lora, load_transformer, load_vae
+from .teacher import ONLINE_ADAPTER, TEACHER_ADAPTER, bind_full, make_teacher
+
+
+class NonFiniteLoss(ValueError):
+    pass
+
+
+def shard_seed(seed: int, step: int, shard_index: int, stream: int = 0) -> int:
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, shard_index, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def save_grid(images: torch.Tensor, path: pathlib.Path) -> None:
+    """[N, 3, H, W] in [-1, 1] → one PNG, ceil(√N) images per row."""
+    import numpy as np
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = arr[i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, dataset_path, output_dir, d: Dist, resume: Optional[str] = None,
+                 progress: bool = True):
+        from twinflow import TwinFlowLoss
+
+        from .data import load_null_embeds, make_loader, open_dataset
+
+        self.cfg, self.d, self.progress = cfg, d, progress
+        t = cfg.training
+        self.out = pathlib.Path(output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.family = FAMILIES[cfg.model.name]
+        self.lora = cfg.lora.enabled
+        self.strategy = resolve_strategy(t.strategy, d.world, self.lora)
+        self.accum = t.grad_accum_steps
+        torch.manual_seed(t.seed)  # the same initial weights (LoRA init) on every rank
+        resume_from = self._resolve_resume(resume)  # before loading models: fail fast
+        self.loss_fn = TwinFlowLoss(cfg.twinflow.recipe, **cfg.twinflow.settings())
+
+        # data
+        self.dataset = open_dataset(dataset_path, cfg.data)
+        self.loader = make_loader(self.dataset, batch_size=t.batch_size, world=d.world, rank=d.rank,
+                                  shuffle=cfg.data.shuffle, seed=t.seed, num_workers=cfg.data.num_workers)
+        # bf16 autocast where the device has it; elsewhere everything runs in float32 (frozen
+        # bf16 weights would meet float32 activations without autocast).
+        self.autocast = (t.mixed_precision == "bf16" and d.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.frozen_dtype = getattr(torch, cfg.model.frozen_dtype) if self.autocast else torch.float32
+        first = self.dataset[0]
+        self.text_encoder = TextEncoder(cfg, self.family, d.device, self.frozen_dtype) if "text" in first else None
+        self.vae = load_vae(cfg, self.family, d.device, self.frozen_dtype)
+        if "pixel_values" in first and self.vae is None:
+            raise ValueError(f"{cfg.model.pretrained_model_name_or_path} has no vae/ folder, needed to encode "
+                             "images (or give the dataset precomputed latents)")
+        self.null = self._null_embeds(load_null_embeds(cfg.data.null_text_embeds))
+
+        # model, teacher, wrapping, optimizer
+        transformer = load_transformer(cfg, self.family, lora=self.lora, frozen_dtype=self.frozen_dtype)
+        if t.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        if self.lora:
+            transformer.requires_grad_(False)
+            add_lora(transformer, cfg.lora, ONLINE_ADAPTER)
+        self.raw = TwinFlowModel(transformer, self.family)
+        if self.strategy != "fsdp":  # fully_shard moves each unit to the device as it shards it
+            self.raw.to(d.device)
+        self.teacher = make_teacher(self.loss_fn, self.raw, lora=self.lora)
+        self.model = wrap(self.raw, self.strategy, d, transformer=transformer, block_attrs=self.family.block_attrs)
+        if self.teacher is not None and not self.lora:
+            shard_fn = None
+            if self.strategy == "fsdp":
+                def shard_fn(m):
+                    return shard(m, m.transformer, self.family.block_attrs, reshard_root=True)
+            bind_full(self.teacher, self.model, shard_fn)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                     weight_decay=t.weight_decay)
+        per_pass = len(self.loader) // self.accum
+        if per_pass < 1:
+            raise ValueError(f"one pass over the data gives {len(self.loader)} micro-batches per process, fewer than "
+                             f"training.grad_accum_steps = {self.accum}")
+        self.steps_per_epoch = t.steps_per_epoch or per_pass
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        from diffusers.optimization import get_scheduler
+
+        self.sched = get_scheduler(t.lr_scheduler, self.opt, num_warmup_steps=t.lr_warmup_steps,
+                                   num_training_steps=self.total_steps)
+
+        # position: optimizer steps done; data passes started and micro-batches used in this pass
+        self.step, self.data_pass, self.used_in_pass = 0, 0, 0
+        self.last_checkpoint: Optional[pathlib.Path] = None
+        self.tb = None
+        if resume_from is not None:
+            self.load(resume_from)
+
+    def _resolve_resume(self, resume: Optional[str]) -> Optional[pathlib.Path]:
+        """Rank 0 picks and verifies the checkpoint (hashing it once), every rank gets the
+        answer or the same error."""
+        found = None
+        if self.d.main:
+            try:
+                found = ckpt.resolve_resume(resume, self.ckpt_root)
+            except ValueError as e:
+                found = e
+        found = self.d.broadcast_object(found)
+        if isinstance(found, ValueError):
+            raise found
+        return found
+
+    # ------------------------------------------------------------------ conditioning
+
+    def _to_cond(self, embeds: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        missing = [k for k in self.family.text_keys if k not in embeds]
+        if missing:
+            raise ValueError(f"text embeddings lack {missing} (a {self.family.name} model needs "
+                             f"{list(self.family.text_keys)}); got {sorted(embeds)}")
+        out = []
+        for k in self.family.text_keys:
+            v = embeds[k].to(self.d.device)
+            out.append(v.float() if v.is_floating_point() else v)
+        return out
+
+    def _null_embeds(self, from_file) -> Optional[List[torch.Tensor]]:
+        if self.text_encoder is not None:
+            return self._to_cond(self.text_encoder([""]))
+        if from_file is not None:
+            return [t if t.dim() and t.shape[0] == 1 else t[None] for t in self._to_cond(from_file)]
+        if float(self.loss_fn.config["enhanced_ratio"]) != 0.0:
+            raise ValueError("twinflow.enhanced_ratio needs the empty prompt's embeddings: the dataset has "
+                             "precomputed text embeddings, so set data.null_text_embeds (a safetensors file "
+                             "with the same keys) or twinflow.enhanced_ratio: 0")
+        return None
+
+    def _batch(self, batch, step: int, shard_index: int):
+        if "latents" in batch:
+            x = batch["latents"].to(self.d.device).float()
+        else:
+            g = torch.Generator(self.d.device).manual_seed(shard_seed(self.cfg.training.seed, step, shard_index, 1))
+            with torch.no_grad():
+                x = self.family.encode_latents(self.vae, batch["pixel_values"].to(self.d.device), g)
+        with torch.no_grad():
+            embeds = batch["text_embeds"] if "text_embeds" in batch else self.text_encoder(batch["text"])
+        cond = self._to_cond(embeds)
+        uncond = None if self.null is None else [u.expand(x.shape[0], *u.shape[1:]) for u in self.null]
+        return x, cond, uncond
+
+    # ------------------------------------------------------------------ data stream
+
+    def micro_batches(self):
+        """Micro-batches forever, one data pass after another, from the saved position."""
+        while True:
+            self.loader.sampler.set_epoch(self.data_pass, skip=self.used_in_pass * self.cfg.training.batch_size)
+            for batch in self.loader:
+                self.used_in_pass += 1
+                yield batch
+            self.data_pass, self.used_in_pass = self.data_pass + 1, 0
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def train_step(self, batches) -> Dict[str, float]:
+        teacher = None
+        if self.teacher is not None:
+            decay = self.teacher.update(self.loss_fn)
+            teacher = self.teacher.module
+        else:
+            decay = None
+        stats: Dict[str, float] = {}
+        for m in range(self.accum):
+            x, cond, uncond = self._batch(next(batches), self.step, self.d.rank * self.accum + m)
+            g = torch.Generator(self.d.device).manual_seed(
+                shard_seed(self.cfg.training.seed, self.step, self.d.rank * self.accum + m))
+            with no_grad_sync(self.model, self.strategy, sync=m == self.accum - 1):
+                with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    loss = self.loss_fn(self.model, x, cond=cond, uncond=uncond, teacher=teacher, generator=g)
+                value = loss.detach().float().item()
+                if not self.d.all_true(math.isfinite(value)):
+                    where = self.last_checkpoint or "none (no checkpoint was written yet)"
+                    raise NonFiniteLoss(f"non-finite loss ({value}) at step {self.step + 1}: stopping. "
+                                        f"The last good checkpoint is {where}")
+                (loss / self.accum).backward()
+            for k, v in self.loss_fn.last_stats.items():
+                if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                    stats[k] = stats.get(k, 0.0) + v / self.accum
+        if self.cfg.training.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.training.grad_clip)
+            stats["grad_norm"] = float(_full(norm))
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        stats["lr"] = self.sched.get_last_lr()[0]
+        if decay is not None:
+            stats["ema_decay"] = decay
+        return stats
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> pathlib.Path:
+        """Collective: every rank takes part in gathering; rank 0 writes."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        transformer = self.raw.transformer
+        if self.lora:
+            from peft import get_peft_model_state_dict
+
+            model_sd = get_peft_model_state_dict(transformer, adapter_name=ONLINE_ADAPTER)
+            teacher_sd = (get_peft_model_state_dict(transformer, adapter_name=TEACHER_ADAPTER)
+                          if self.teacher is not None else None)
+        else:
+            model_sd = get_model_state_dict(self.model, options=opts)
+            teacher_sd = get_model_state_dict(self.teacher.module, options=opts) if self.teacher else None
+        optim_sd = get_optimizer_state_dict(self.model, self.opt, options=opts)
+        rngs = self.d.gather_objects(ckpt.rng_state())
+        path = None
+        if self.d.main:
+            state = {"step": self.step, "data_pass": self.data_pass, "used_in_pass": self.used_in_pass,
+                     "world": self.d.world, "batch_size": self.cfg.training.batch_size, "accum": self.accum,
+                     "optimizer": optim_sd, "lr_scheduler": self.sched.state_dict(),
+                     "loss_fn": self.loss_fn.state_dict()}
+
+            def writer(tmp: pathlib.Path):
+                if self.lora:
+                    ckpt.save_peft(tmp / "lora", transformer.peft_config[ONLINE_ADAPTER], model_sd)
+                    if teacher_sd is not None:
+                        ckpt.save_peft(tmp / "lora_teacher", transformer.peft_config[TEACHER_ADAPTER], teacher_sd)
+                else:
+                    strip = len("transformer.")
+                    ckpt.save_diffusers(tmp / "transformer", transformer, {k[strip:]: v for k, v in model_sd.items()})
+                    if teacher_sd is not None:
+                        ckpt.save_diffusers(tmp / "transformer_ema", transformer,
+                                            {k[strip:]: v for k, v in teacher_sd.items()})
+                torch.save(state, tmp / "trainer_state.pt")
+                torch.save(rngs, tmp / "rng_states.pt")
+                info = {"model": self.family.name, "mode": "lora" if self.lora else "aux",
+                        "step": self.step, "config": self.cfg.to_dict()}
+                (tmp / "twinflow_train.json").write_text(json.dumps(info, indent=1))
+
+            path = ckpt.write(self.ckpt_root, self.step, writer)
+            ckpt.prune(self.ckpt_root, self.cfg.training.keep_last)
+        self.d.barrier()
+        self.last_checkpoint = self.d.broadcast_object(path)
+        return self.last_checkpoint
+
+    def load(self, path: pathlib.Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if (state["world"] * state["batch_size"] * state["accum"]
+                != self.d.world * self.cfg.training.batch_size * self.accum):
+            raise ValueError(f"checkpoint {path}: written with a global batch of {state['world']} processes × "
+                             f"{state['batch_size']} × {state['accum']} accumulation steps; this run has "
+                             f"{self.d.world} × {self.cfg.training.batch_size} × {self.accum}; "
+                             "resume with the same global batch")
+        opts = StateDictOptions(full_state_dict=True)
+        transformer = self.raw.transformer
+        if self.lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(transformer, ckpt.load_peft_weights(path / "lora"), adapter_name=ONLINE_ADAPTER)
+            if self.teacher is not None:
+                set_peft_model_state_dict(transformer, ckpt.load_peft_weights(path / "lora_teacher"),
+                                          adapter_name=TEACHER_ADAPTER)
+            transformer.set_adapter(ONLINE_ADAPTER)
+        else:
+            sd = {"transformer." + k: v for k, v in ckpt.load_diffusers_weights(path / "transformer").items()}
+            set_model_state_dict(self.model, sd, options=opts)
+            if self.teacher is not None:
+                sd = {"transformer." + k: v for k, v in ckpt.load_diffusers_weights(path / "transformer_ema").items()}
+                set_model_state_dict(self.teacher.module, sd, options=opts)
+        set_optimizer_state_dict(self.model, self.opt, state["optimizer"], options=opts)
+        self.sched.load_state_dict(state["lr_scheduler"])
+        self.loss_fn.load_state_dict(state["loss_fn"])
+        self.step, self.data_pass, self.used_in_pass = state["step"], state["data_pass"], state["used_in_pass"]
+        rngs = torch.load(path / "rng_states.pt", weights_only=False)
+        if len(rngs) == self.d.world:
+            ckpt.set_rng_state(rngs[self.d.rank])
+        self.last_checkpoint = path
+
+    # ------------------------------------------------------------------ samples
+
+    @torch.no_grad()
+    def sample_grid(self) -> Optional[pathlib.Path]:
+        """Collective under FSDP2 (every rank runs the model); rank 0 decodes and writes."""
+        from twinflow import UnifiedSampler
+
+        from .data import collate
+
+        if self.strategy != "fsdp" and not self.d.main:
+            return None
+        s = self.cfg.sampling
+        n = min(s.num_images, len(self.dataset))
+        batch = collate([self.dataset[i] for i in range(n)])
+        x, cond, _ = self._batch(batch, 0, 0)
+        g = torch.Generator(self.d.device).manual_seed(s.seed)
+        noise = torch.randn(x.shape, generator=g, device=self.d.device)
+        net = self.model if self.strategy == "fsdp" else self.raw
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                latents = UnifiedSampler(**s.sampler_kwargs()).sample(net, noise, generator=g, cond=cond)
+        finally:
+            net.train(was_training)
+        if not self.d.main or self.vae is None:
+            return None
+        path = self.out / "samples" / f"step-{self.step:06d}.png"
+        save_grid(self.family.decode_latents(self.vae, latents.float()), path)
+        return path
+
+    # ------------------------------------------------------------------ export
+
+    def export_pipeline(self) -> Optional[pathlib.Path]:
+        """Rank 0 (collective gather first): ``<output>/pipeline``, the base pipeline folder with
+        the trained transformer in the published layout (aux keys inside its safetensors; LoRA
+        merged into the weights, to load with mode="lora")."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        base = pathlib.Path(self.cfg.model.pretrained_model_name_or_path)
+        transformer = self.raw.transformer
+        if self.lora:
+            sd = None
+            if self.d.main:
+                merged = _merged_lora_state_dict(transformer)
+        else:
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dest = self.out / "pipeline"
+        if self.d.main:
+            tmp = self.out / "pipeline.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(base, tmp, ignore=lambda d, names: ["transformer"] if pathlib.Path(d) == base else [])
+            weights = merged if self.lora else {k[len("transformer."):]: v for k, v in sd.items()}
+            ckpt.save_diffusers(tmp / "transformer", transformer, weights)
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+        self.d.barrier()
+        return dest
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> Dict[str, float]:
+        from tqdm.auto import tqdm
+
+        t = self.cfg.training
+        if self.d.main and self.cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                print("logging.tensorboard: tensorboard is not installed; logging to metrics.jsonl only")
+        self.model.train()
+        batches = self.micro_batches()
+        global_batch = t.batch_size * self.accum * self.d.world
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.d.main and self.progress),
+                   desc="twinflow train", dynamic_ncols=True)
+        metrics = (self.out / "metrics.jsonl").open("a") if self.d.main else None
+        stats: Dict[str, float] = {}
+        try:
+            while self.step < self.total_steps:
+                start = time.perf_counter()
+                stats = self.train_step(batches)
+                elapsed = time.perf_counter() - start
+                stats.update(step=self.step, epoch=(self.step - 1) // self.steps_per_epoch,
+                             images_per_s=global_batch / elapsed, memory_mib=_memory_mib(self.d.device))
+                if metrics is not None:
+                    metrics.write(json.dumps(stats) + "\n")
+                    metrics.flush()
+                    if self.tb is not None:
+                        for k, v in stats.items():
+                            self.tb.add_scalar(f"train/{k}", v, self.step)
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == 1:
+                    bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4g}",
+                                    img_s=f"{stats['images_per_s']:.3g}", mem=f"{stats['memory_mib']:.0f}MiB")
+                if self.step % t.checkpoint_every == 0 or self.step == self.total_steps:
+                    self.save()
+                if self.step % t.sample_every == 0 or self.step == self.total_steps:
+                    self.sample_grid()
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+            if self.tb is not None:
+                self.tb.close()
+        self.export_pipeline()
+        return stats
+
+
+def _merged_lora_state_dict(transformer) -> Dict[str, torch.Tensor]:
+    """The transformer's weights with the online LoRA adapter merged in (W + ΔW from peft's
+    ``get_delta_weight``), under the stock key names, on the CPU: one layer at a time, so no
+    second copy of a large model is made."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {k.replace(".base_layer.", "."): v.detach().cpu()
+           for k, v in transformer.state_dict().items() if "lora_" not in k}
+    with torch.no_grad():
+        for name, m in transformer.named_modules():
+            if isinstance(m, LoraLayer) and ONLINE_ADAPTER in m.lora_A:
+                w = m.get_base_layer().weight
+                out[f"{name}.weight"] = (w.float() + m.get_delta_weight(ONLINE_ADAPTER).float()).to(w.dtype).cpu()
+    return out

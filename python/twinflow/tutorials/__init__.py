@@ -1,0 +1,1 @@
+"""Tutorials that double as the package's embedded defaults (``twinflow mnist ...``)."""

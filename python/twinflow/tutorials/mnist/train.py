@@ -1,0 +1,295 @@
+"""Train the MNIST UNet with ``TwinFlowLoss`` (recipes twinflow | rcgm | flow_matching).
+
+One ``torch.Generator`` drives everything random (data order, label dropout, the loss's
+draws), and it is saved with the checkpoint, so a resumed run continues exactly where an
+uninterrupted one would be (same thread count and device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...losses import TwinFlowLoss
+from .checkpoint import load_train_state, read_config, save_checkpoint
+from .data import load_mnist
+from .unet import MnistUNet
+
+__all__ = ["TrainSettings", "train", "parse_duration", "METHODS", "to_model_input"]
+
+METHODS = ("twinflow", "rcgm", "flow_matching")
+_BUDGET_KEYS = ("epochs", "max_steps", "time_budget", "checkpoint_every")  # may change on resume
+
+
+@dataclass
+class TrainSettings:
+    method: str = "twinflow"
+    epochs: int = 10
+    max_steps: Optional[int] = None        # stop after this many optimizer steps in all
+    time_budget: Optional[float] = None    # seconds of training in all (resumes add up)
+    batch_size: int = 128
+    lr: float = 1e-3
+    label_dropout: float = 0.1             # rows trained as unconditional (null label)
+    ema_decay: float = 0.999               # sampling weights; warm-up (1+n)/(10+n)
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    train_subset: Optional[int] = None     # first N training images (tests, quick looks)
+    network: Dict[str, Any] = field(default_factory=lambda: {"width": 16, "mults": [1, 2, 4]})
+    loss_overrides: Dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("epochs", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.train_subset is not None and self.train_subset < self.batch_size:
+            raise ValueError(f"train_subset ({self.train_subset}) must be >= batch_size ({self.batch_size})")
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '1.5h' → seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"time budget: expected a duration like 600, 90s, 10m or 1.5h, got {text!r}")
+    value = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if value <= 0:
+        raise ValueError(f"time budget must be > 0, got {text!r}")
+    return value
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] → float [N, 1, 28, 28] in [−1, 1], channels-last (3× faster convs on CPU)."""
+    x = images.float().div(127.5).sub(1.0).unsqueeze(1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, flat: Dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: Dict[int, Dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+class _Run:
+    """Model, EMA copy, optimizer, loss and generator of one training run."""
+
+    def __init__(self, s: TrainSettings, device: torch.device):
+        torch.manual_seed(s.seed)
+        self.model = MnistUNet(**s.network).to(device).to(memory_format=torch.channels_last)
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=s.lr)
+        self.loss_fn = TwinFlowLoss(recipe=s.method, **s.loss_overrides)
+        self.gen = torch.Generator(device=device).manual_seed(s.seed)
+        self.perm: Optional[torch.Tensor] = None
+        self.progress = {"step": 0, "epoch": 0, "position": 0, "elapsed_s": 0.0, "images": 0}
+
+    def ema_update(self, decay: float) -> None:
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    self.ema[k].lerp_(v, 1.0 - decay)
+                else:
+                    self.ema[k].copy_(v)
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        out = {f"online.{k}": v for k, v in self.model.state_dict().items()}
+        out.update(_optimizer_state(self.opt))
+        teacher = self.loss_fn.state_dict()["teacher"]
+        if teacher is not None:
+            out.update({f"teacher.{k}": v for k, v in teacher.items()})
+        out["rng.generator"] = self.gen.get_state()
+        if self.perm is not None:
+            out["data.perm"] = self.perm
+        return out
+
+    def restore(self, flat: Dict[str, torch.Tensor], ema: Dict[str, torch.Tensor], info: Dict[str, Any]) -> None:
+        self.model.load_state_dict({k[7:]: v for k, v in flat.items() if k.startswith("online.")})
+        self.ema = {k: v.to(self.ema[k].device) for k, v in ema.items()}
+        _load_optimizer_state(self.opt, flat)
+        teacher = {k[8:]: v for k, v in flat.items() if k.startswith("teacher.")}
+        self.loss_fn.load_state_dict({"teacher": teacher or None, **info["loss_state"]}, model=self.model)
+        self.gen.set_state(flat["rng.generator"])
+        self.perm = flat.get("data.perm")
+        self.progress = dict(info["progress"])
+
+
+def _resume(run: _Run, out: Path, s: TrainSettings) -> bool:
+    if not (out / "config.json").is_file():
+        return False
+    config = read_config(out)
+    saved = config.get("settings", {})
+    fixed = {k: v for k, v in dataclasses.asdict(s).items() if k not in _BUDGET_KEYS}
+    diff = [k for k, v in fixed.items() if json.loads(json.dumps(v)) != saved.get(k)]
+    if diff:
+        raise ValueError(f"{out} holds a checkpoint trained with other settings ({', '.join(diff)}); "
+                         "use another --output-dir or the same settings to resume")
+    flat = load_train_state(out)
+    if flat is None:
+        raise ValueError(f"{out}: checkpoint has no train_state.safetensors, cannot resume")
+    from safetensors.torch import load_file
+    run.restore(flat, load_file(str(out / "model.safetensors")), config)
+    return True
+
+
+def train(settings: TrainSettings, output_dir, data_dir=None, device="cpu", resume: bool = True,
+          progress: bool = True, on_step: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+          images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    """Train (or resume) into `output_dir`; returns the final config.json content.
+
+    Stops at ``epochs``, ``max_steps`` or ``time_budget``, whichever comes first, and on
+    KeyboardInterrupt — each time after writing a checkpoint. ``images``/``labels`` replace
+    the MNIST training set (tests)."""
+    from tqdm.auto import tqdm
+
+    s = settings
+    s.validate()
+    device = torch.device(device)
+    out = Path(output_dir)
+    if images is None:
+        images, labels = load_mnist("train", data_dir)
+    if s.train_subset is not None:
+        images, labels = images[: s.train_subset], labels[: s.train_subset]
+    data = to_model_input(images).to(device)
+    labels = labels.to(device)
+    n = data.shape[0]
+    if n < s.batch_size:
+        raise ValueError(f"batch_size {s.batch_size} is larger than the training set ({n} images)")
+    steps_per_epoch = n // s.batch_size
+
+    run = _Run(s, device)
+    resumed = resume and _resume(run, out, s)
+    null = run.model.null_labels(s.batch_size, device)
+    p = run.progress
+    total = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
+
+    def config(status: str) -> Dict[str, Any]:
+        return {"network": run.model.config, "settings": dataclasses.asdict(s), "method": s.method,
+                "progress": dict(p), "status": status, "steps_per_epoch": steps_per_epoch,
+                "loss_state": {k: v for k, v in run.loss_fn.state_dict().items() if k in ("ema_decay", "ema_updates")},
+                "loss_config": run.loss_fn.config, "twinflow_version": _version()}
+
+    def checkpoint(status: str) -> Dict[str, Any]:
+        cfg = config(status)
+        save_checkpoint(out, run.ema, cfg, run.state())
+        return cfg
+
+    def budget_left() -> bool:
+        if p["step"] >= total:
+            return False
+        return s.time_budget is None or p["elapsed_s"] < s.time_budget
+
+    bar = tqdm(total=total, initial=p["step"], desc=f"mnist {s.method}", disable=not progress,
+               unit="step", dynamic_ncols=True)
+    log = (out / "log.jsonl")
+    out.mkdir(parents=True, exist_ok=True)
+    status = "running"
+    run.model.train()
+    previous = _stop_on_sigterm()
+    try:
+        while budget_left():
+            if run.perm is None or p["position"] + s.batch_size > n:
+                if run.perm is not None:
+                    p["epoch"] += 1
+                p["position"] = 0
+                run.perm = torch.randperm(n, generator=run.gen, device=device)
+            t0 = time.perf_counter()
+            idx = run.perm[p["position"]: p["position"] + s.batch_size]
+            p["position"] += s.batch_size
+            x, y = data[idx], labels[idx]
+            drop = torch.rand(s.batch_size, generator=run.gen, device=device) < s.label_dropout
+            y = torch.where(drop, null, y)
+            loss = run.loss_fn(run.model, x, cond=[y], uncond=[null], generator=run.gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {p['step']}; the last "
+                                         f"checkpoint in {out} is the last good state")
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
+            run.opt.step()
+            p["step"] += 1
+            p["images"] += s.batch_size
+            run.ema_update(min(s.ema_decay, (1 + p["step"]) / (10 + p["step"])))
+            p["elapsed_s"] += time.perf_counter() - t0
+            stats = run.loss_fn.last_stats
+            bar.update(1)
+            if p["step"] % 25 == 0 or p["step"] == 1:
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", epoch=p["epoch"])
+                with open(log, "a") as f:
+                    f.write(json.dumps({"step": p["step"], "elapsed_s": round(p["elapsed_s"], 2),
+                                        **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}) + "\n")
+            if on_step is not None:
+                on_step(p["step"], stats)
+            if p["step"] % s.checkpoint_every == 0:
+                checkpoint("running")
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        _restore_sigterm(previous)
+        bar.close()
+        # Not after an error: the weights may be what made the loss non-finite.
+        if status in ("finished", "interrupted"):
+            checkpoint(status)
+    return config(status) | {"resumed": resumed}
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_on_sigterm():
+    """SIGTERM (a job scheduler, ``kill``) stops like Ctrl-C: checkpoint, then exit. Only in
+    the main thread, where Python allows signal handlers."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        import signal
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("twinflow")
+    except Exception:
+        return "unknown"

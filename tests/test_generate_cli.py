@@ -1,0 +1,124 @@
+"""``twinflow generate`` end to end on the saved tiny pipelines of ``tiny_pipelines``.
+
+In process through ``twinflow.cli.main`` for every backbone (PNG + JSON settings, the same
+image as ``load_pipeline`` with the same seed, several prompts and images, the one-line errors
+with exit status 1), and once as ``python -m twinflow generate`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+import tiny_pipelines  # noqa: E402
+from tiny_pipelines import one_thread  # noqa: E402,F401 (autouse fixture)
+import twinflow  # noqa: E402
+from twinflow.cli import main  # noqa: E402
+from twinflow.pipelines import MODELS  # noqa: E402
+
+SIZE = tiny_pipelines.TEST_SIZE
+
+
+def argv(model, out, *extra, layout="aux"):
+    return ["generate", "--model", model, "--model-path", str(tiny_pipelines.saved_pipeline(model, layout)),
+            "--height", str(SIZE), "--width", str(SIZE), "--device", "cpu", "--output-dir", str(out), *extra]
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.mark.parametrize("model", tiny_pipelines.MODELS)
+def test_generate_writes_png_and_settings(model, tmp_path):
+    assert main(argv(model, tmp_path, "--prompt", "a cat dancing", "--steps", "1", "--seed", "3")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000-00.json", "000-00.png"]
+    img = pixels(tmp_path / "000-00.png")
+    assert img.shape == (SIZE, SIZE, 3)
+    rec = json.loads((tmp_path / "000-00.json").read_text())
+    assert rec["model"] == model and rec["prompt"] == "a cat dancing" and rec["seed"] == 3 and rec["steps"] == 1
+    assert rec["model_path"] == str(tiny_pipelines.saved_pipeline(model, "aux").resolve())
+    assert rec["device"] == "cpu" and rec["dtype"] == "float32" and rec["twinflow_version"] == twinflow.__version__
+    assert rec["scheduler"]["class"] == "TwinFlowPresetScheduler"
+    assert rec["scheduler"]["stochast_ratio"] == 0.8 and rec["scheduler"]["rfba_gap_steps"] == [0.001, 0.7]
+    assert rec["wall_time_s"] > 0 and rec["image"] == "000-00.png"
+
+    # the same image as load_pipeline with the same seed
+    pipe = twinflow.load_pipeline(tiny_pipelines.saved_pipeline(model, "aux"), model)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(prompt="a cat dancing", height=SIZE, width=SIZE, num_inference_steps=1, output_type="pil",
+                generator=torch.Generator().manual_seed(3), **{MODELS[model].cfg_kwarg: 1.0},
+                **dict(MODELS[model].exact_size)).images[0]
+    assert np.array_equal(img, np.asarray(want))
+
+
+def test_prompts_file_and_several_images(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\n  a blue bird  \n")
+    out = tmp_path / "out"
+    assert main(argv("sd3", out, "--prompt", "a cat", "--prompts-file", str(prompts), "--num-images", "2",
+                     "--steps", "2")) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"{p:03d}-{k:02d}.{e}" for p in range(3) for k in range(2) for e in ("json", "png")]
+    recs = [json.loads((out / f"{p:03d}-00.json").read_text()) for p in range(3)]
+    assert [r["prompt"] for r in recs] == ["a cat", "a red fox", "a blue bird"]
+    assert recs[0]["num_images"] == 2 and recs[0]["scheduler"]["stochast_ratio"] == 1.0
+    assert not np.array_equal(pixels(out / "000-00.png"), pixels(out / "000-01.png"))
+    # run again: the same files
+    again = tmp_path / "again"
+    assert main(argv("sd3", again, "--prompt", "a cat", "--prompts-file", str(prompts), "--num-images", "2",
+                     "--steps", "2")) == 0
+    for name in names:
+        if name.endswith(".png"):
+            assert np.array_equal(pixels(out / name), pixels(again / name)), name
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    cases = [
+        (["generate", "--model", "sd3", "--model-path", str(tmp_path / "missing"), "--prompt", "x"], "no such folder"),
+        (argv("sd3", tmp_path / "o")[:-2] + ["--output-dir", str(tmp_path / "o")], "no prompt"),
+        (argv("sd3", tmp_path / "o", "--prompts-file", str(tmp_path / "none.txt")), "--prompts-file"),
+        (["generate", "--model", "sana", "--model-path", str(tiny_pipelines.saved_pipeline("sd3", "aux")),
+          "--prompt", "x", "--device", "cpu"], "SanaTransformer2DModel"),
+        (argv("sd3", tmp_path / "o", "--prompt", "x", "--device", "tpu7"), "device"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((argv("sd3", tmp_path / "o", "--prompt", "x", "--device", "cuda"), "CUDA"))
+    for args, needle in cases:
+        capsys.readouterr()
+        assert main(args) == 1, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith("twinflow generate: error: ") and needle in err[-1], err
+
+
+def _run(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "twinflow", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_python_m_twinflow_generate(tmp_path):
+    r = _run(*argv("qwen-image", tmp_path, "--prompt", "a cat", "--steps", "4", "--seed", "1", "--dtype", "float32"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "wrote 1 images" in r.stdout
+    assert pixels(tmp_path / "000-00.png").shape == (SIZE, SIZE, 3)
+    rec = json.loads((tmp_path / "000-00.json").read_text())
+    assert rec["steps"] == 4 and rec["scheduler"]["rfba_gap_steps"] == [0.001, 0.5]
+
+
+def test_help_does_not_import_diffusers():
+    code = "import sys, twinflow.cli as c; c.build_parser(); print('diffusers' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]

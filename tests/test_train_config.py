@@ -1,0 +1,93 @@
+"""twinflow.training.config: the published configs in configs/ and config errors (no training).
+
+Every YAML under configs/ validates and carries the SPEC §3.7 settings of its model × full/LoRA
+× estimate order; a bad key, type or value is a ValueError/TypeError naming the file and the
+dotted key; ``--set key=value`` overrides are parsed as YAML and validated like the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from checks import expect_error  # noqa: E402
+from twinflow.training.config import load_config, parse_config  # noqa: E402
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+MODELS = {"sd35": "sd3", "qwen_image": "qwen-image", "z_image": "z-image", "sana": "sana"}
+BASE = {"model": {"name": "sd3", "pretrained_model_name_or_path": "/x"}}
+
+
+def test_one_config_per_model_kind_and_order():
+    names = {p.stem for p in CONFIGS}
+    want = {f"{m}_{k}_{o}order" for m in MODELS for k in ("full", "lora") for o in (1, 2)}
+    assert names == want
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_published_settings(path):
+    cfg = load_config(path)
+    key, kind, order = path.stem.rsplit("_", 2)
+    assert cfg.model.name == MODELS[key]
+    lora = kind == "lora"
+    tf, t = cfg.twinflow, cfg.training
+    assert cfg.lora.enabled is lora
+    assert tf.estimate_order == int(order[0])
+    assert t.lr == (1e-4 if lora else 1e-5)
+    assert (t.grad_clip, t.mixed_precision, t.lr_scheduler) == (1.0, "bf16", "constant")
+    if lora:
+        assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init) == (64, 64.0, "gaussian")
+        assert {"to_q", "to_k", "to_v", "to_out.0"} <= set(cfg.lora.target_modules)
+    emd = {"sana": 0.999}.get(key, 0.0 if (key == "qwen_image" and not lora) else 0.99)
+    assert tf.ema_decay_rate == emd
+    assert tf.enhanced_ratio == 0.8
+    assert tf.dist_match_cof == (0.75 if key == "sana" else 0.5)
+    assert t.batch_size >= 4  # the four TwinFlow sub-batches
+
+
+def test_overrides_apply_and_validate(tmp_path):
+    cfg = load_config(CONFIGS[0], ["training.lr=3e-4", "lora.target_modules=[to_q, to_k]", "data.shuffle=false"])
+    assert cfg.training.lr == 3e-4 and cfg.lora.target_modules == ["to_q", "to_k"] and cfg.data.shuffle is False
+    expect_error(ValueError, lambda: load_config(CONFIGS[0], ["training.lr"]), contains=("key=value", "training.lr"))
+    expect_error(ValueError, lambda: load_config(CONFIGS[0], ["training.nope=1"]),
+                 contains=(CONFIGS[0].name, "training.nope", "unknown key"))
+    expect_error(TypeError, lambda: load_config(CONFIGS[0], ["training.batch_size=many"]),
+                 contains=("training.batch_size", "integer"))
+
+
+@pytest.mark.parametrize("raw, exc, words", [
+    ({"modle": {}}, ValueError, ["modle", "unknown key"]),
+    ({"training": {"lr": "fast"}}, TypeError, ["training.lr", "number"]),
+    ({"training": {"batch_size": 0}}, ValueError, ["training.batch_size", ">= 1"]),
+    ({"training": {"strategy": "zero3"}}, ValueError, ["training.strategy", "zero3"]),
+    ({"training": {"adam_betas": [0.9]}}, ValueError, ["training.adam_betas", "2 values"]),
+    ({"training": {"lr_scheduler": "wiggly"}}, ValueError, ["training.lr_scheduler", "wiggly"]),
+    ({"model": {"name": "flux"}}, ValueError, ["model.name", "flux"]),
+    ({"model": {"pretrained_model_name_or_path": ""}}, ValueError, ["model.pretrained_model_name_or_path"]),
+    ({"lora": {"enabled": True}}, ValueError, ["lora.target_modules"]),
+    ({"lora": {"enabled": True, "target_modules": ["to_q"]}, "training": {"strategy": "fsdp"}},
+     ValueError, ["training.strategy", "DDP"]),
+    ({"twinflow": {"estimate_order": -1}}, ValueError, ["twinflow", "estimate_order"]),
+    ({"twinflow": {"sub_batches": {"e2e": 1, "fake": 1}}}, ValueError, ["twinflow", "fake"]),
+    ({"sampling": {"steps": 0}}, ValueError, ["sampling"]),
+    ({"data": {"resolution": "big"}}, TypeError, ["data.resolution", "integer"]),
+])
+def test_errors_name_file_and_key(raw, exc, words):
+    merged = {k: dict(v) for k, v in BASE.items()}
+    for k, v in raw.items():
+        merged.setdefault(k, {}).update(v)
+    expect_error(exc, lambda: parse_config(merged, "cfg.yaml"), contains=["cfg.yaml", *words])
+
+
+def test_file_errors(tmp_path):
+    expect_error(ValueError, lambda: load_config(tmp_path / "none.yaml"), contains="no such file")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    expect_error(ValueError, lambda: load_config(bad), contains=("bad.yaml", "invalid YAML"))
+    bad.write_text("- a\n- b\n")
+    expect_error(TypeError, lambda: load_config(bad), contains=("bad.yaml", "mapping"))
