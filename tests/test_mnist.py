@@ -167,15 +167,16 @@ def test_classifier_and_metric_sanity(test_set, real):
     images, labels = test_set
     feats, pred = metrics.features(clf, images)
     assert float((pred == labels).double().mean()) > 0.98
-    # real vs real (train images against the test set) is near 0; blur and noise are far worse
+    # real vs real (10k train images against the test set) is the floor, 5.6 here; blur and
+    # noise are far worse
     train_feats, _ = metrics.features(clf, real[0][:10000])
     real_fid = metrics.frechet_distance(train_feats, feats)
     blurred = torch.nn.functional.avg_pool2d(real[0][:10000, None].float(), 5, 1, 2)[:, 0].round().to(torch.uint8)
     blur_fid = metrics.frechet_distance(metrics.features(clf, blurred)[0], feats)
     noise = torch.randint(0, 256, (10000, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     noise_fid = metrics.frechet_distance(metrics.features(clf, noise)[0], feats)
-    assert real_fid < 1.0 < 20 * real_fid < blur_fid < noise_fid, (real_fid, blur_fid, noise_fid)
-    assert metrics.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    assert real_fid < 10.0 and 100 * real_fid < blur_fid < noise_fid, (real_fid, blur_fid, noise_fid)
+    assert metrics.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-3)  # eigen round-off
     with pytest.raises(ValueError, match="uint8 images"):
         metrics.features(clf, images.float())
 
