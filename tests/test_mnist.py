@@ -237,6 +237,20 @@ def test_cli_train_resume_sample_evaluate(tmp_path):
     assert r.returncode == 1 and "does not exist" in r.stderr
     r = _cli("train", "--method", "ddpm", "--output-dir", str(out))
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = _cli("train", "--loss", "enhanced_ratio", "--output-dir", str(out))
+    assert r.returncode == 2 and "expected KEY=VALUE" in r.stderr
+    r = _cli("train", "--loss", "no_such_setting=1", "--output-dir", str(tmp_path / "other"))
+    assert r.returncode == 1 and "no_such_setting" in r.stderr
+
+
+def test_cli_loss_overrides(tmp_path):
+    out = tmp_path / "run"
+    r = _cli("train", "--method", "twinflow", "--loss", "enhanced_ratio=0", "--loss", "loss=l2", "--batch-size", "32",
+             "--train-subset", "64", "--width", "8", "--max-steps", "1", "--output-dir", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["loss_config"]["enhanced_ratio"] == 0 and cfg["loss_config"]["loss"] == "l2"
+    assert cfg["settings"]["loss_overrides"] == {"enhanced_ratio": 0, "loss": "l2"}
 
 
 def test_cli_sigterm_checkpoints_then_resumes(tmp_path):

@@ -27,6 +27,16 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e))
 
 
+def _loss_option(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value  # a bare word, e.g. loss=l2
+
+
 def _device(name: str) -> str:
     import torch
     if name == "auto":
@@ -57,6 +67,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--width", type=positive_int, default=16, help="UNet base width")
     t.add_argument("--checkpoint-every", type=positive_int, default=500)
     t.add_argument("--train-subset", type=positive_int, default=None, help="first N training images")
+    t.add_argument("--loss", dest="loss_overrides", action="append", default=[], metavar="KEY=VALUE", type=_loss_option,
+                   help="override a TwinFlowLoss setting, e.g. --loss enhanced_ratio=0 (repeatable; JSON values)")
     t.add_argument("--no-resume", action="store_true", help="refuse to continue a checkpoint in --output-dir")
     t.add_argument("--output-dir", required=True)
     _common(t)
@@ -102,7 +114,8 @@ def _train(args) -> int:
                              time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, checkpoint_every=args.checkpoint_every,
                              train_subset=args.train_subset,
-                             network={"width": args.width, "mults": [1, 2, 4]})
+                             network={"width": args.width, "mults": [1, 2, 4]},
+                             loss_overrides=dict(args.loss_overrides))
     try:
         cfg = train(settings, args.output_dir, data_dir=args.data_dir, device=args.device,
                     resume=not args.no_resume, progress=not args.quiet)
