@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ... import __version__
 from ...losses import TwinFlowLoss
 from .checkpoint import load_train_state, read_config, save_checkpoint
 from .data import load_mnist
@@ -198,7 +199,7 @@ def train(settings: TrainSettings, output_dir, data_dir=None, device="cpu", resu
         return {"network": run.model.config, "settings": dataclasses.asdict(s), "method": s.method,
                 "progress": dict(p), "status": status, "steps_per_epoch": steps_per_epoch,
                 "loss_state": {k: v for k, v in run.loss_fn.state_dict().items() if k in ("ema_decay", "ema_updates")},
-                "loss_config": run.loss_fn.config, "twinflow_version": _version()}
+                "loss_config": run.loss_fn.config, "twinflow_version": __version__}
 
     def checkpoint(status: str) -> Dict[str, Any]:
         cfg = config(status)
@@ -285,11 +286,3 @@ def _restore_sigterm(previous) -> None:
     if previous is not None:
         import signal
         signal.signal(signal.SIGTERM, previous)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("twinflow")
-    except Exception:
-        return "unknown"
