@@ -155,6 +155,20 @@ def test_is_a_diffusers_scheduler():
     assert s.config.sampling_style == "few"
 
 
+def _smooth_model(x, t):
+    """A smooth velocity field of (x, t), t in [0, 1000] as SD3 passes it."""
+    tb = _bcast(t / 1000.0, x)
+    return torch.sin(x) * (1 + tb) + 0.1 * x + 0.3 * tb
+
+
+def _diffusers_loop(scheduler, x0):
+    """``for t in timesteps: x = step(model(x, t), t, x)`` from x0, as a pipeline runs it."""
+    x = x0.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(_smooth_model(x, t), t, x).prev_sample
+    return x
+
+
 @pytest.mark.parametrize("order", (1, 2))
 @pytest.mark.parametrize("S", (1, 2, 3, 4, 7))
 @pytest.mark.parametrize(
@@ -201,17 +215,8 @@ def test_pipeline_grid_matches_flow_match_euler(n, form):
     torch.testing.assert_close(s.sigmas, ref.sigmas.float(), atol=1e-7, rtol=0)
     torch.testing.assert_close(s.timesteps, ref.timesteps.float(), atol=1e-3, rtol=1e-6)
 
-    def model(x, t):  # t in [0, 1000], like SD3
-        tb = _bcast(t / 1000.0, x)
-        return torch.sin(x) * (1 + tb) + 0.1 * x + 0.3 * tb
-
     x0 = make_noise((2, 4, 8, 8), seed=3)
-    xa = x0.clone()
-    for t in ref.timesteps:
-        xa = ref.step(model(xa, t), t, xa).prev_sample
-    xb = x0.clone()
-    for t in s.timesteps:
-        xb = s.step(model(xb, t), t, xb).prev_sample
+    xa, xb = _diffusers_loop(ref, x0), _diffusers_loop(s, x0)
     assert xb.dtype == torch.float32 and xb.shape == x0.shape
     torch.testing.assert_close(xb, xa, rtol=1e-5, atol=1e-6)
 
@@ -231,17 +236,8 @@ def test_pipeline_grid_order2_matches_flow_match_heun(n):
     torch.testing.assert_close(s.timesteps, ref.timesteps.float(), atol=1e-3, rtol=1e-6)
     torch.testing.assert_close(s.sigmas, ref.sigmas.float(), atol=1e-7, rtol=0)
 
-    def model(x, t):
-        tb = _bcast(t / 1000.0, x)
-        return torch.sin(x) * (1 + tb) + 0.1 * x + 0.3 * tb
-
     x0 = make_noise((2, 4, 8, 8), seed=4)
-    xa = x0.clone()
-    for t in ref.timesteps:
-        xa = ref.step(model(xa, t), t, xa).prev_sample
-    xb = x0.clone()
-    for t in s.timesteps:
-        xb = s.step(model(xb, t), t, xb).prev_sample
+    xa, xb = _diffusers_loop(ref, x0), _diffusers_loop(s, x0)
     # diffusers' Heun goes through x0 = x - sigma*v and (x - x0)/sigma, which loses ~1e-5 absolute
     # at sigma = 0.001 in float32; against a float64 Heun on the same grid ours is float-exact
     torch.testing.assert_close(xb, xa, rtol=1e-4, atol=2e-4)
@@ -251,10 +247,10 @@ def test_pipeline_grid_order2_matches_flow_match_heun(n):
     x = x0.double()
     for i in range(n):
         tc, tn = ev[i], ev[i + 1]
-        F = model(x, torch.tensor(tc * 1000, dtype=torch.float32).double())
+        F = _smooth_model(x, torch.tensor(tc * 1000, dtype=torch.float32).double())
         xp = x - (tc - tn) * F
         if i < n - 1:
-            xp = x - (tc - tn) * 0.5 * (F + model(xp, torch.tensor(tn * 1000, dtype=torch.float32).double()))
+            xp = x - (tc - tn) * 0.5 * (F + _smooth_model(xp, torch.tensor(tn * 1000, dtype=torch.float32).double()))
         x = xp
     torch.testing.assert_close(xb.double(), x, rtol=1e-5, atol=1e-6)
 
