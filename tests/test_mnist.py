@@ -118,6 +118,51 @@ def test_resume_refuses_other_settings(real, tmp_path):
               progress=False)
 
 
+def test_init_from_starts_from_the_base_and_resumes_exactly(real, tmp_path):
+    images, labels = real
+    kw = dict(images=images[:256], labels=labels[:256], progress=False)
+    train(_settings(method="flow_matching", max_steps=6), tmp_path / "base", **kw)
+    base_weights = load_file(str(tmp_path / "base" / "model.safetensors"))
+
+    # one step of fine-tuning moves away from the base weights, by a small amount
+    one = train(_settings(max_steps=1, lr=1e-5, init_from=str(tmp_path / "base")), tmp_path / "one", **kw)
+    online = {k[7:]: v for k, v in load_file(str(tmp_path / "one" / "train_state.safetensors")).items()
+              if k.startswith("online.")}
+    moved = max(float((online[k] - base_weights[k]).abs().max()) for k in base_weights)
+    assert 0 < moved < 1e-3
+    # the record: where it started, and the whole budget (base + fine-tune)
+    assert one["init_from"]["path"] == str(tmp_path / "base") and one["init_from"]["method"] == "flow_matching"
+    assert one["init_from"]["steps"] == 6 and one["total"]["steps"] == 7
+    assert one["total"]["images"] == 7 * 32
+    saved = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert saved["init_from"] == one["init_from"] and saved["settings"]["init_from"] == str(tmp_path / "base")
+
+    # fine-tuning resumes bit for bit, and the record survives the resume
+    s = lambda n: _settings(max_steps=n, init_from=str(tmp_path / "base"))  # noqa: E731
+    train(s(5), tmp_path / "straight", **kw)
+    train(s(2), tmp_path / "resumed", **kw)
+    again = train(s(5), tmp_path / "resumed", **kw)
+    assert again["resumed"] and again["total"]["steps"] == 11 and again["init_from"]["steps"] == 6
+    for name in ("model.safetensors", "train_state.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    # a different base is a different run
+    with pytest.raises(ValueError, match=r"other settings \(init_from\)"):
+        train(_settings(max_steps=6, init_from="flow_matching"), tmp_path / "resumed", **kw)
+
+
+def test_init_from_refuses_another_network(real, tmp_path):
+    images, labels = real
+    kw = dict(images=images[:64], labels=labels[:64], progress=False)
+    with pytest.raises(ValueError, match=r"--init-from .*flow_matching: its network differs .*width: 16 there, 8 here"):
+        train(_settings(init_from="flow_matching"), tmp_path / "a", **kw)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(_settings(init_from=str(tmp_path / "nope")), tmp_path / "b", **kw)
+    with pytest.raises(ValueError, match="output directory itself"):
+        train(_settings(init_from=str(tmp_path / "c")), tmp_path / "c", **kw)
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(method="ddpm"), "method must be one of"),
     (dict(batch_size=0), "batch_size must be >= 1"),
@@ -251,6 +296,18 @@ def test_cli_loss_overrides(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["loss_config"]["enhanced_ratio"] == 0 and cfg["loss_config"]["loss"] == "l2"
     assert cfg["settings"]["loss_overrides"] == {"enhanced_ratio": 0, "loss": "l2"}
+
+
+def test_cli_init_from(tmp_path):
+    small = ["--batch-size", "32", "--train-subset", "64", "--width", "8", "--quiet"]
+    r = _cli("train", "--method", "flow_matching", "--max-steps", "2", "--output-dir", str(tmp_path / "base"), *small)
+    assert r.returncode == 0, r.stderr
+    r = _cli("train", "--init-from", str(tmp_path / "base"), "--max-steps", "3", "--output-dir", str(tmp_path / "ft"),
+             *small)
+    assert r.returncode == 0, r.stderr
+    assert "flow_matching, 2 steps" in r.stdout and "total budget 5 steps" in r.stdout, r.stdout
+    r = _cli("train", "--init-from", "flow_matching", "--max-steps", "1", "--output-dir", str(tmp_path / "x"), *small)
+    assert r.returncode == 1 and "its network differs" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_cli_sigterm_checkpoints_then_resumes(tmp_path):

@@ -21,11 +21,21 @@ from safetensors.torch import load_file, save_file
 
 from .unet import MnistUNet
 
-__all__ = ["save_checkpoint", "load_model", "read_config", "load_train_state"]
+__all__ = ["save_checkpoint", "load_model", "load_weights", "read_config", "load_train_state",
+           "shipped_checkpoint", "SHIPPED"]
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.safetensors"
+SHIPPED = ("twinflow", "rcgm", "flow_matching")
+_WEIGHTS = Path(__file__).parent / "weights"
+
+
+def shipped_checkpoint(name_or_path) -> Path:
+    """A directory path as is, or one of the shipped checkpoints by method name."""
+    if str(name_or_path) in SHIPPED:
+        return _WEIGHTS / str(name_or_path)
+    return Path(name_or_path)
 
 
 def _atomic(path: Path, write) -> None:
@@ -65,15 +75,25 @@ def load_model(directory: os.PathLike, device="cpu") -> Tuple[MnistUNet, Dict[st
     """The sampling network (eval mode) and the checkpoint's config."""
     config = read_config(directory)
     model = MnistUNet(**config["network"])
-    try:
-        weights = load_file(str(Path(directory) / MODEL_FILE))
-    except Exception as e:  # safetensors raises its own error types on corrupt files
-        raise ValueError(f"{Path(directory) / MODEL_FILE}: cannot read weights ({e})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{Path(directory) / MODEL_FILE}: weights do not match the network "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(load_weights(directory, model))
     return model.to(device).eval(), config
+
+
+def load_weights(directory: os.PathLike, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The checkpoint's sampling weights, checked against `model`'s keys and shapes."""
+    path = Path(directory) / MODEL_FILE
+    try:
+        weights = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise ValueError(f"{path}: cannot read weights ({e})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: weights do not match the network "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {shapes[:3]})")
+    return weights
 
 
 def load_train_state(directory: os.PathLike) -> Optional[Dict[str, torch.Tensor]]:

@@ -69,6 +69,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--train-subset", type=positive_int, default=None, help="first N training images")
     t.add_argument("--loss", dest="loss_overrides", action="append", default=[], metavar="KEY=VALUE", type=_loss_option,
                    help="override a TwinFlowLoss setting, e.g. --loss enhanced_ratio=0 (repeatable; JSON values)")
+    t.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="fine-tune: start the network and its EMA from a trained checkpoint (a directory, or a "
+                        "shipped one: flow_matching, rcgm, twinflow); the network settings must match")
     t.add_argument("--no-resume", action="store_true", help="refuse to continue a checkpoint in --output-dir")
     t.add_argument("--output-dir", required=True)
     _common(t)
@@ -115,7 +118,7 @@ def _train(args) -> int:
                              seed=args.seed, checkpoint_every=args.checkpoint_every,
                              train_subset=args.train_subset,
                              network={"width": args.width, "mults": [1, 2, 4]},
-                             loss_overrides=dict(args.loss_overrides))
+                             loss_overrides=dict(args.loss_overrides), init_from=args.init_from)
     try:
         cfg = train(settings, args.output_dir, data_dir=args.data_dir, device=args.device,
                     resume=not args.no_resume, progress=not args.quiet)
@@ -125,6 +128,10 @@ def _train(args) -> int:
     p = cfg["progress"]
     print(f"{args.method}: {p['step']} steps ({p['epoch']} full epochs), {p['elapsed_s']:.0f} s of training, "
           f"{cfg['status']}{' (resumed)' if cfg['resumed'] else ''}; checkpoint in {args.output_dir}")
+    if "total" in cfg:
+        b, total = cfg["init_from"], cfg["total"]
+        print(f"started from {b['path']} ({b['method']}, {b['steps']} steps, {b['elapsed_s']:.0f} s): "
+              f"total budget {total['steps']} steps, {total['elapsed_s']:.0f} s of training")
     return 0
 
 

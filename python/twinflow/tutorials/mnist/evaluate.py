@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import SHIPPED, load_model, shipped_checkpoint
 from .data import load_mnist
 from .metrics import features, load_classifier, sample_metrics
 from .sample import generate, sampler_for
 
 __all__ = ["evaluate", "shipped_checkpoint", "SHIPPED"]
-
-SHIPPED = ("twinflow", "rcgm", "flow_matching")
-_WEIGHTS = Path(__file__).parent / "weights"
-
-
-def shipped_checkpoint(name_or_path) -> Path:
-    """A directory path as is, or one of the shipped checkpoints by method name."""
-    if str(name_or_path) in SHIPPED:
-        return _WEIGHTS / str(name_or_path)
-    return Path(name_or_path)
 
 
 def evaluate(checkpoint, steps: Sequence[int] = (1, 2, 4), num_samples: int = 10000,

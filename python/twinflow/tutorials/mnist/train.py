@@ -20,7 +20,7 @@ import torch
 
 from ... import __version__
 from ...losses import TwinFlowLoss
-from .checkpoint import load_train_state, read_config, save_checkpoint
+from .checkpoint import load_train_state, load_weights, read_config, save_checkpoint, shipped_checkpoint
 from .data import load_mnist
 from .unet import MnistUNet
 
@@ -46,6 +46,7 @@ class TrainSettings:
     train_subset: Optional[int] = None     # first N training images (tests, quick looks)
     network: Dict[str, Any] = field(default_factory=lambda: {"width": 16, "mults": [1, 2, 4]})
     loss_overrides: Dict[str, Any] = field(default_factory=dict)
+    init_from: Optional[str] = None        # start network and EMA from this checkpoint (fine-tuning)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -116,6 +117,26 @@ class _Run:
         self.perm: Optional[torch.Tensor] = None
         self.progress = {"step": 0, "epoch": 0, "position": 0, "elapsed_s": 0.0, "images": 0}
 
+    def init_from(self, source: Path) -> Dict[str, Any]:
+        """Online weights and EMA from a trained checkpoint's sampling weights (its EMA, what
+        its samples and metrics came from); returns what the run's config records of it."""
+        base = read_config(source)
+        net = json.loads(json.dumps(self.model.config))
+        if base["network"] != net:
+            diff = sorted(k for k in set(net) | set(base["network"]) if net.get(k) != base["network"].get(k))
+            pairs = ", ".join(f"{k}: {base['network'].get(k)!r} there, {net.get(k)!r} here" for k in diff)
+            raise ValueError(f"--init-from {source}: its network differs from this run's ({pairs}); "
+                             "train with the same network settings (e.g. --width)")
+        weights = load_weights(source, self.model)
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(weights[k])
+                self.ema[k].copy_(weights[k])
+        progress = base.get("progress", {})
+        return {"path": str(source), "method": base.get("method"), "steps": int(progress.get("step", 0)),
+                "images": int(progress.get("images", 0)), "elapsed_s": float(progress.get("elapsed_s", 0.0)),
+                "command": base.get("command")}
+
     def ema_update(self, decay: float) -> None:
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
@@ -164,6 +185,20 @@ def _resume(run: _Run, out: Path, s: TrainSettings) -> bool:
     return True
 
 
+def _init_from(run: _Run, out: Path, s: TrainSettings, resumed: bool) -> Optional[Dict[str, Any]]:
+    """The base checkpoint's record; its weights are loaded only on a fresh start (a resumed
+    run already holds fine-tuned weights, restored from its own checkpoint)."""
+    if s.init_from is None:
+        return None
+    source = shipped_checkpoint(s.init_from)
+    if source.resolve() == out.resolve():
+        raise ValueError(f"--init-from {s.init_from}: that is the output directory itself; "
+                         "to continue a run, run the same command again without --init-from changes")
+    if resumed:
+        return read_config(out).get("init_from")
+    return run.init_from(source)
+
+
 def train(settings: TrainSettings, output_dir, data_dir=None, device="cpu", resume: bool = True,
           progress: bool = True, on_step: Optional[Callable[[int, Dict[str, Any]], None]] = None,
           images: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> Dict[str, Any]:
@@ -191,13 +226,19 @@ def train(settings: TrainSettings, output_dir, data_dir=None, device="cpu", resu
 
     run = _Run(s, device)
     resumed = resume and _resume(run, out, s)
+    base = _init_from(run, out, s, resumed)
     null = run.model.null_labels(s.batch_size, device)
     p = run.progress
     total = s.epochs * steps_per_epoch if s.max_steps is None else min(s.max_steps, s.epochs * steps_per_epoch)
 
     def config(status: str) -> Dict[str, Any]:
+        extra = {}
+        if base is not None:  # the whole budget, the base model's training included
+            extra = {"init_from": base, "total": {"steps": base["steps"] + p["step"],
+                                                  "images": base["images"] + p["images"],
+                                                  "elapsed_s": round(base["elapsed_s"] + p["elapsed_s"], 2)}}
         return {"network": run.model.config, "settings": dataclasses.asdict(s), "method": s.method,
-                "progress": dict(p), "status": status, "steps_per_epoch": steps_per_epoch,
+                "progress": dict(p), **extra, "status": status, "steps_per_epoch": steps_per_epoch,
                 "loss_state": {k: v for k, v in run.loss_fn.state_dict().items() if k in ("ema_decay", "ema_updates")},
                 "loss_config": run.loss_fn.config, "twinflow_version": __version__}
 

@@ -1,0 +1,203 @@
+"""The MNIST fine-tuning study (docs/mnist.md, "From a multi-step model to one step").
+
+Each variant fine-tunes the shipped flow-matching checkpoint with ``twinflow mnist train
+--init-from flow_matching`` settings and is scored along the way: at every step in --at, the
+run is continued to that step (resume is exact, so this is one uninterrupted run) and
+evaluated at 1 and 2 NFE on --samples class-balanced samples (seed 0); after the last
+step, again on --final-samples. Rows go to docs/mnist/study/<variant>.jsonl; a step already
+there is not measured again, so a stopped study continues where it stopped.
+
+    python bench/mnist_finetune_study.py run er0            # one variant (see VARIANTS)
+    python bench/mnist_finetune_study.py presets er0        # sampler settings on its final checkpoint
+    python bench/mnist_finetune_study.py plot               # docs/mnist/finetune_study.png
+    python bench/mnist_finetune_study.py table              # the final rows as a Markdown table
+
+Equivalent command of a variant (e.g. er05_frozen at 1000 steps):
+
+    twinflow mnist train --init-from flow_matching --lr 2e-4 --max-steps 1000 --epochs 100 \\
+        --threads 1 --loss enhanced_ratio=0.5 --loss ema_decay_rate=1.0 --output-dir runs/er05_frozen
+    twinflow mnist evaluate --checkpoint runs/er05_frozen --steps 1 2 --num-samples 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "docs" / "mnist" / "study"
+
+# name: (description, TrainSettings fields). All start from the shipped flow-matching model
+# (1500 steps of batch 128) and keep its batch size, label dropout and sampling EMA.
+VARIANTS = {
+    "er0": ("TwinFlow, no guidance in the target (enhanced_ratio 0)",
+            dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 0.0})),
+    "er05": ("TwinFlow recipe as is (enhanced_ratio 0.5, EMA teacher 0.99)",
+             dict(method="twinflow", lr=2e-4, loss_overrides={})),
+    "er05_frozen": ("enhanced_ratio 0.5, guidance from the frozen base (ema_decay_rate 1)",
+                    dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
+    "er1_frozen": ("enhanced_ratio 1, guidance from the frozen base (ema_decay_rate 1)",
+                   dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 1.0, "ema_decay_rate": 1.0})),
+    "er05_frozen_lr5e-4": ("as er05_frozen, lr 5e-4",
+                           dict(method="twinflow", lr=5e-4, loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
+    "er05_frozen_seed1": ("as er05_frozen, seed 1",
+                          dict(method="twinflow", lr=2e-4, seed=1,
+                               loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
+    "rcgm_er05_frozen": ("RCGM (no self-adversarial term), otherwise as er05_frozen",
+                         dict(method="rcgm", lr=2e-4, loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
+}
+
+
+def _rows(name):
+    path = STUDY / f"{name}.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(name: str, at, samples: int, final_samples: int, threads: int, runs: Path) -> None:
+    import torch
+
+    from twinflow.tutorials.mnist.evaluate import evaluate
+    from twinflow.tutorials.mnist.train import TrainSettings, train
+
+    torch.set_num_threads(threads)
+    _, fields = VARIANTS[name]
+    out = runs / name
+    STUDY.mkdir(parents=True, exist_ok=True)
+    done = {(r["step"], r["num_samples"]) for r in _rows(name)}
+    plan = [(k, samples) for k in at] + [(at[-1], final_samples)]
+    for step, n in plan:
+        if (step, n) in done:
+            continue
+        settings = TrainSettings(init_from="flow_matching", epochs=100, max_steps=step, checkpoint_every=100000,
+                                 **fields)
+        cfg = train(settings, out, progress=False)
+        t0 = time.perf_counter()
+        rows = evaluate(out, steps=[1, 2], num_samples=n, progress=False)
+        for r in rows:
+            record = {"variant": name, "step": step, "total_steps": cfg["total"]["steps"],
+                      "train_s": round(cfg["progress"]["elapsed_s"], 1), **r}
+            with open(STUDY / f"{name}.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+        print(f"{name} step {step}: evaluated {n} samples in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+# Sampler settings compared on one checkpoint (presets subcommand): the published presets,
+# then other start gaps (1 NFE) and other intermediate times and noise ratios (2 NFE).
+PRESETS = {
+    "1-nfe (preset: t 0.999 -> 0)": dict(sampling_steps=1, stochast_ratio=0.8, rfba_gap_steps=(0.001, 0.7)),
+    "1-nfe, t 1.0 -> 0": dict(sampling_steps=1, stochast_ratio=0.0, rfba_gap_steps=(0.0, 0.7)),
+    "1-nfe, t 0.98 -> 0": dict(sampling_steps=1, stochast_ratio=0.0, rfba_gap_steps=(0.02, 0.7)),
+    "2-nfe (preset: mid 0.6, s 1.0)": dict(sampling_steps=2, stochast_ratio=1.0, rfba_gap_steps=(0.001, 0.6)),
+    "2-nfe, mid 0.4, s 1.0": dict(sampling_steps=2, stochast_ratio=1.0, rfba_gap_steps=(0.001, 0.4)),
+    "2-nfe, mid 0.8, s 1.0": dict(sampling_steps=2, stochast_ratio=1.0, rfba_gap_steps=(0.001, 0.8)),
+    "2-nfe, mid 0.6, s 0.5": dict(sampling_steps=2, stochast_ratio=0.5, rfba_gap_steps=(0.001, 0.6)),
+    "2-nfe, mid 0.6, s 0 (deterministic)": dict(sampling_steps=2, stochast_ratio=0.0, rfba_gap_steps=(0.001, 0.6)),
+}
+
+
+def presets(name: str, samples: int, threads: int, runs: Path) -> None:
+    import torch
+
+    from twinflow import UnifiedSampler
+    from twinflow.tutorials.mnist.checkpoint import load_model
+    from twinflow.tutorials.mnist.data import load_mnist
+    from twinflow.tutorials.mnist.metrics import features, load_classifier, sample_metrics
+    from twinflow.tutorials.mnist.sample import generate
+
+    torch.set_num_threads(threads)
+    model, config = load_model(runs / name)
+    clf = load_classifier()
+    ref, _ = features(clf, load_mnist("test")[0])
+    labels = torch.arange(10).repeat(-(-samples // 10))[:samples]
+    path = STUDY / f"{name}_presets.jsonl"
+    for label, kw in PRESETS.items():
+        s = UnifiedSampler(sampling_style="few", **kw)
+        images = generate(model, labels, s, generator=torch.Generator().manual_seed(0))
+        record = {"variant": name, "step": config["progress"]["step"], "sampler": label, "settings": s.to_dict(),
+                  "nfe": s.nfe, **sample_metrics(clf, images, labels, ref)}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+
+def _reference():
+    """Flow matching (the base) sampled with 50 Euler steps, measured with the same metric."""
+    path = STUDY / "base_flow_matching.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def plot(out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # a file, no window
+    import matplotlib.pyplot as plt
+
+    ref = _reference()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, nfe in zip(axes, (1, 2)):
+        for name in VARIANTS:
+            rows = [r for r in _rows(name) if r["nfe"] == nfe and r["num_samples"] < 10000]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r["fid"] for r in rows], marker="o", ms=3, label=name)
+        if "fid_50step_2k" in ref:
+            ax.axhline(ref["fid_50step_2k"], color="k", ls="--", lw=1,
+                       label=f"base, 50 Euler steps ({ref['fid_50step_2k']:.1f})")
+        ax.set_title(f"{nfe} NFE")
+        ax.set_xlabel("fine-tuning steps (batch 128) after the 1500-step base")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("classifier-FID, 2k samples (lower is better)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def table() -> None:
+    print("| variant | fine-tune steps | 1-NFE FID | 2-NFE FID | 1-NFE accuracy | train s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in VARIANTS:
+        final = [r for r in _rows(name) if r["num_samples"] >= 10000]
+        by_nfe = {r["nfe"]: r for r in final}
+        if 1 in by_nfe and 2 in by_nfe:
+            print(f"| {name} | {by_nfe[1]['step']} | {by_nfe[1]['fid']:.1f} | {by_nfe[2]['fid']:.1f} | "
+                  f"{by_nfe[1]['accuracy']:.3f} | {by_nfe[1]['train_s']:.0f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("variant", choices=sorted(VARIANTS))
+    r.add_argument("--at", type=int, nargs="+", default=[100, 200, 400, 600, 800, 1000])
+    r.add_argument("--samples", type=int, default=2000)
+    r.add_argument("--final-samples", type=int, default=10000)
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
+    ps = sub.add_parser("presets", help="compare sampler settings on a variant's final checkpoint")
+    ps.add_argument("variant", choices=sorted(VARIANTS))
+    ps.add_argument("--samples", type=int, default=10000)
+    ps.add_argument("--threads", type=int, default=1)
+    ps.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
+    pl = sub.add_parser("plot")
+    pl.add_argument("--output", type=Path, default=ROOT / "docs" / "mnist" / "finetune_study.png")
+    sub.add_parser("table")
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        run(args.variant, sorted(args.at), args.samples, args.final_samples, args.threads, args.runs)
+    elif args.cmd == "presets":
+        presets(args.variant, args.samples, args.threads, args.runs)
+    elif args.cmd == "plot":
+        plot(args.output)
+    else:
+        table()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
