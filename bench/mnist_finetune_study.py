@@ -39,6 +39,8 @@ VARIANTS = {
              dict(method="twinflow", lr=2e-4, loss_overrides={})),
     "er05_frozen": ("enhanced_ratio 0.5, guidance from the frozen base (ema_decay_rate 1)",
                     dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
+    "er025_frozen": ("enhanced_ratio 0.25, guidance from the frozen base (ema_decay_rate 1)",
+                     dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 0.25, "ema_decay_rate": 1.0})),
     "er1_frozen": ("enhanced_ratio 1, guidance from the frozen base (ema_decay_rate 1)",
                    dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 1.0, "ema_decay_rate": 1.0})),
     "er05_frozen_lr5e-4": ("as er05_frozen, lr 5e-4",
@@ -78,6 +80,7 @@ def run(name: str, at, samples: int, final_samples: int, threads: int, runs: Pat
         cfg = train(settings, out, progress=False)
         t0 = time.perf_counter()
         rows = evaluate(out, steps=[1, 2], num_samples=n, progress=False)
+        step = cfg["progress"]["step"]  # the checkpoint's own step (a stopped run may be past the plan)
         for r in rows:
             record = {"variant": name, "step": step, "total_steps": cfg["total"]["steps"],
                       "train_s": round(cfg["progress"]["elapsed_s"], 1), **r}
@@ -124,6 +127,41 @@ def presets(name: str, samples: int, threads: int, runs: Path) -> None:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
+
+
+def guidance(names, runs: Path, n: int = 1000) -> None:
+    """Effective guidance scale w of each variant's current checkpoint: the least-squares w in
+    F(x_t, t, t, c) − u ≈ w·(c − u), where c and u are the BASE model's conditional and
+    unconditional velocities at the same points (real test digits, t ~ U(0.1, 0.9), seed 0).
+    The base itself gives w = 1; a model that learned CFG at scale 1 + r from the base gives 1 + r."""
+    import torch
+
+    from twinflow.tutorials.mnist.checkpoint import load_model, shipped_checkpoint
+    from twinflow.tutorials.mnist.data import load_mnist
+    from twinflow.tutorials.mnist.train import to_model_input
+
+    base, _ = load_model(shipped_checkpoint("flow_matching"))
+    images, labels = load_mnist("test")
+    g = torch.Generator().manual_seed(0)
+    x = to_model_input(images[:n])
+    y = labels[:n]
+    t = 0.1 + 0.8 * torch.rand(n, generator=g)
+    z = torch.randn(x.shape, generator=g).contiguous(memory_format=torch.channels_last)
+    x_t = t.view(-1, 1, 1, 1) * z + (1 - t.view(-1, 1, 1, 1)) * x
+    null = base.null_labels(n)
+    with torch.no_grad():
+        c, u = base(x_t, t, t, c=[y]), base(x_t, t, t, c=[null])
+        d = (c - u).flatten(1)
+        out = {}
+        for name in names:
+            model, config = load_model(runs / name) if name != "base" else (base, {"progress": {"step": 0}})
+            f = (model(x_t, t, t, c=[y]) - u).flatten(1)
+            w = float((f * d).sum() / (d * d).sum())
+            out[name] = {"step": config["progress"]["step"], "w": round(w, 3)}
+            print(name, out[name], flush=True)
+    path = STUDY / "guidance.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**old, **out}, indent=1) + "\n")
 
 
 def _reference():
@@ -184,6 +222,9 @@ def main(argv=None) -> int:
     ps.add_argument("--samples", type=int, default=10000)
     ps.add_argument("--threads", type=int, default=1)
     ps.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
+    gs = sub.add_parser("guidance", help="effective guidance scale of variants' current checkpoints")
+    gs.add_argument("variants", nargs="+", choices=sorted(VARIANTS) + ["base"])
+    gs.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
     pl = sub.add_parser("plot")
     pl.add_argument("--output", type=Path, default=ROOT / "docs" / "mnist" / "finetune_study.png")
     sub.add_parser("table")
@@ -192,6 +233,8 @@ def main(argv=None) -> int:
         run(args.variant, sorted(args.at), args.samples, args.final_samples, args.threads, args.runs)
     elif args.cmd == "presets":
         presets(args.variant, args.samples, args.threads, args.runs)
+    elif args.cmd == "guidance":
+        guidance(args.variants, args.runs)
     elif args.cmd == "plot":
         plot(args.output)
     else:

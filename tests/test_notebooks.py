@@ -14,7 +14,7 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = {
-    "01_mnist_twinflow.ipynb": {"TWINFLOW_NB_STEPS": "20"},  # the short training run: 20 steps
+    "01_mnist_twinflow.ipynb": {"TWINFLOW_NB_STEPS": "20", "TWINFLOW_NB_FT_STEPS": "3"},  # short runs
     "02_twinflow_in_diffusers.ipynb": {},
 }
 
@@ -30,3 +30,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    # What a reader sees: every cell that draws a figure shows it as an image.
+    for i, c in enumerate(nb.cells):
+        if c.cell_type == "code" and ("plt.show()" in c.source or "show(" in c.source):
+            assert any("image/png" in o.get("data", {}) for o in c.outputs), f"cell {i} shows no figure"

@@ -58,7 +58,7 @@ class MnistUNet(nn.Module):
     ``c`` = ``[labels]`` (int64 [B], ``num_classes`` = null) or None (all null).
     """
 
-    def __init__(self, width: int = 32, mults: Sequence[int] = (1, 2, 2), num_classes: int = 10,
+    def __init__(self, width: int = 16, mults: Sequence[int] = (1, 2, 4), num_classes: int = 10,
                  emb_dim: int = 128, n_freq: int = 16):
         super().__init__()
         self.config = dict(width=width, mults=list(mults), num_classes=num_classes,
