@@ -32,9 +32,12 @@ wrapper around Sana is not part of diffusers and is not patched here.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from ._common import install, lora_label, scaled_times, uninstall
+from ._backbone import Backbone, ones_mask
+from ._common import lora_label, scaled_times
 
 MODEL = "sana"
 MAIN = "time_embed"
@@ -43,14 +46,7 @@ AUX_PREFIX = AUX + "."
 #: scheduler timesteps are t · NUM_TRAIN_TIMESTEPS (before the pipeline's timestep_scale)
 NUM_TRAIN_TIMESTEPS = 1000.0
 
-__all__ = ["AUX_PREFIX", "patch", "unpatch"]
-
-
-def _check(transformer) -> None:
-    from diffusers import SanaTransformer2DModel
-
-    if not isinstance(transformer, SanaTransformer2DModel):
-        raise TypeError(f"sana.patch: expected a diffusers SanaTransformer2DModel, got {type(transformer).__name__}")
+__all__ = ["AUX_PREFIX", "BACKBONE", "patch", "unpatch"]
 
 
 def _scale(transformer) -> float:
@@ -73,20 +69,39 @@ def _lora_forward(transformer, orig, timestep, *args, **kwargs):
     return orig(lora_label(t, tt) * scale, *args, **kwargs)
 
 
-_FORWARDS = {"aux": _aux_forward, "lora": _lora_forward}
+class Sana(Backbone):
+    name, label = MODEL, "Sana"
+    transformer_class_name, pipeline_class_name, vae_class_name = (
+        "SanaTransformer2DModel", "SanaPipeline", "AutoencoderDC")
+    embed_name, aux_name, aux_init = MAIN, AUX, "copy"
+    # SanaPipeline otherwise renders at the nearest trained aspect-ratio bin and resizes.
+    exact_size = (("use_resolution_binning", False),)
+    text_keys = ("prompt_embeds", "prompt_attention_mask")
+    forwards = {"aux": _aux_forward, "lora": _lora_forward}
+
+    def check_config(self, transformer):
+        if transformer.config.guidance_embeds:
+            raise ValueError("sana.patch: guidance_embeds=True (Sana-Sprint) is not supported: "
+                             "its pipeline uses a different timestep convention")
+
+    def call(self, transformer, x, t, cond):
+        return transformer(hidden_states=x, encoder_hidden_states=cond[0], encoder_attention_mask=cond[1],
+                           timestep=t * _scale(transformer), return_dict=False)[0]
+
+    def encode_text(self, pipe, texts, device):
+        # SanaPipeline.__call__ prefixes prompts with its "complex human instruction" by default;
+        # train on the embeddings inference will use.
+        chi = inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+        pe, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device,
+                                            complex_human_instruction=chi)
+        return {"prompt_embeds": pe, "prompt_attention_mask": ones_mask(pe, mask)}
+
+    def encode_latents(self, vae, pixels, generator):
+        return vae.encode(pixels.to(vae.dtype)).latent.float() * vae.config.scaling_factor
+
+    def decode_latents(self, vae, latents):
+        return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
 
 
-def patch(transformer: torch.nn.Module, mode: str = "aux") -> torch.nn.Module:
-    """Patch a SanaTransformer2DModel in place (idempotent); returns it. Wire tt with
-    ``diffusers_patch.set_target_time(transformer, scheduler)``."""
-    _check(transformer)
-    if transformer.config.guidance_embeds:
-        raise ValueError("sana.patch: guidance_embeds=True (Sana-Sprint) is not supported: "
-                         "its pipeline uses a different timestep convention")
-    return install(transformer, model=MODEL, mode=mode, embed_name=MAIN, aux_name=AUX, forwards=_FORWARDS)
-
-
-def unpatch(transformer: torch.nn.Module) -> torch.nn.Module:
-    """Restore the stock behaviour and keys (drops the aux embedder and the tt wiring)."""
-    _check(transformer)
-    return uninstall(transformer, embed_name=MAIN, aux_name=AUX)
+BACKBONE = Sana()
+patch, unpatch = BACKBONE.patch, BACKBONE.unpatch

@@ -27,13 +27,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import TT_ATTR, install, lora_label, target_time, uninstall
+from ._backbone import Backbone
+from ._common import TT_ATTR, lora_label, target_time
 
 AUX_PREFIX = "t_embedder_2."
 MODEL = "z-image"
 _AUX_NAME = AUX_PREFIX[:-1]
 
-__all__ = ["AUX_PREFIX", "patch", "unpatch", "to_model_time"]
+__all__ = ["AUX_PREFIX", "BACKBONE", "patch", "unpatch", "to_model_time"]
 
 
 def to_model_time(t: torch.Tensor) -> torch.Tensor:
@@ -43,13 +44,6 @@ def to_model_time(t: torch.Tensor) -> torch.Tensor:
     t ≥ 0 maps to 1 − t; only t < 0 (the fake trajectory) takes the negative branch.
     """
     return torch.where(t < 0, -1.0, 1.0).to(t.dtype) * (1.0 - t.abs())
-
-
-def _check(transformer) -> None:
-    from diffusers import ZImageTransformer2DModel
-
-    if not isinstance(transformer, ZImageTransformer2DModel):
-        raise TypeError(f"expected a ZImageTransformer2DModel, got {type(transformer).__name__}")
 
 
 def _times(transformer, t_scaled: torch.Tensor):
@@ -80,21 +74,31 @@ def _lora_forward(transformer, orig, t_scaled):
     return orig(label)
 
 
-_FORWARDS = {"aux": _aux_forward, "lora": _lora_forward}
+class ZImage(Backbone):
+    name, label = MODEL, "Z-Image-Turbo"
+    transformer_class_name, pipeline_class_name = "ZImageTransformer2DModel", "ZImagePipeline"
+    embed_name, aux_name, aux_init = "t_embedder", _AUX_NAME, "copy"
+    text_keys = ("prompt_embeds", "prompt_embeds_mask")
+    block_attrs = ("noise_refiner", "context_refiner", "layers")
+    forwards = {"aux": _aux_forward, "lora": _lora_forward}
+
+    def call(self, transformer, x, t, cond):
+        # ZImagePipeline: frames [C, 1, h, w], captions unpadded, time t_z, output negated.
+        caps = [e[m.bool()] for e, m in zip(cond[0], cond[1])]
+        out = transformer(list(x[:, :, None]), to_model_time(t), caps, return_dict=False)[0]
+        return -torch.stack(out)[:, :, 0]
+
+    def encode_text(self, pipe, texts, device):
+        embeds, _ = pipe.encode_prompt(texts, device=device, do_classifier_free_guidance=False)
+        mask = _pad_stack([torch.ones(e.shape[0], dtype=torch.long, device=e.device) for e in embeds])
+        return {"prompt_embeds": _pad_stack(list(embeds)), "prompt_embeds_mask": mask}
 
 
-def patch(transformer: nn.Module, mode: str = "aux") -> nn.Module:
-    """Patch a ``ZImageTransformer2DModel`` in place (idempotent); returns it.
+def _pad_stack(tensors):
+    from torch.nn.utils.rnn import pad_sequence
 
-    An existing ``t_embedder_2`` (e.g. trained aux weights already attached) is kept;
-    otherwise it starts as a copy of ``t_embedder``.
-    """
-    _check(transformer)
-    return install(transformer, model=MODEL, mode=mode, embed_name="t_embedder", aux_name=_AUX_NAME,
-                   forwards=_FORWARDS)
+    return pad_sequence(tensors, batch_first=True)
 
 
-def unpatch(transformer: nn.Module) -> nn.Module:
-    """Restore the stock behaviour and state dict (drops the aux embedder); returns it."""
-    _check(transformer)
-    return uninstall(transformer, embed_name="t_embedder", aux_name=_AUX_NAME)
+BACKBONE = ZImage()
+patch, unpatch = BACKBONE.patch, BACKBONE.unpatch

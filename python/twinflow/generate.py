@@ -63,9 +63,10 @@ def _prompts(args: argparse.Namespace) -> List[str]:
 
 
 def _extra_call_args(model: str, args: argparse.Namespace) -> dict:
-    from .pipelines import MODELS
+    import diffusers_patch
 
-    kw = {MODELS[model].cfg_kwarg: args.guidance_scale, **dict(MODELS[model].exact_size)}
+    bb = diffusers_patch.backbone(model)
+    kw = {bb.cfg_kwarg: args.guidance_scale, **dict(bb.exact_size)}
     if args.guidance_scale > 1 and args.negative_prompt is not None:
         kw["negative_prompt"] = args.negative_prompt
     return kw

@@ -38,18 +38,17 @@ WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    pipeline: str      # diffusers pipeline class
+    """A summary of a registered backbone (``diffusers_patch.backbone(name)`` holds the rest)."""
+    pipeline: str      # pipeline class name
     transformer: str   # diffusers transformer class
     cfg_kwarg: str     # the pipeline argument that turns on classifier-free guidance (> 1)
     exact_size: Tuple[Tuple[str, object], ...] = ()  # pipeline arguments to render exactly height × width
 
 
+#: A view of the backbone registry (``diffusers_patch.MODELS``), kept for the public API.
 MODELS: Dict[str, ModelSpec] = {
-    "qwen-image": ModelSpec("QwenImagePipeline", "QwenImageTransformer2DModel", "true_cfg_scale"),
-    "z-image": ModelSpec("ZImagePipeline", "ZImageTransformer2DModel", "guidance_scale"),
-    "sd3": ModelSpec("StableDiffusion3Pipeline", "SD3Transformer2DModel", "guidance_scale"),
-    # SanaPipeline otherwise renders at the nearest trained aspect-ratio bin and resizes.
-    "sana": ModelSpec("SanaPipeline", "SanaTransformer2DModel", "guidance_scale", (("use_resolution_binning", False),)),
+    name: ModelSpec(b.pipeline_class_name, b.transformer_class_name, b.cfg_kwarg, tuple(b.exact_size))
+    for name, b in diffusers_patch.backbones().items()
 }
 
 
@@ -127,8 +126,7 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str) -> pathlib.
     """Check a diffusers pipeline folder before diffusers reads it: model_index.json, every
     component folder it lists, JSON configs, safetensors headers, the transformer class.
     Returns the folder. FileNotFoundError / ValueError name the problem."""
-    if model not in MODELS:
-        raise ValueError(f"model: unknown {model!r}, expected one of {sorted(MODELS)}")
+    bb = diffusers_patch.backbone(model)
     root = pathlib.Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"model path {str(path)!r}: no such folder (load_pipeline reads a local "
@@ -152,7 +150,7 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str) -> pathlib.
     config = tdir / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config}: missing")
-    found, want = _read_json(config).get("_class_name"), MODELS[model].transformer
+    found, want = _read_json(config).get("_class_name"), bb.transformer_class_name
     if found != want:
         raise ValueError(f"{config}: the transformer is a {found}, but model={model!r} needs a {want}")
     transformer_weight_files(tdir)
@@ -193,7 +191,8 @@ def read_aux_weights(transformer_dir: Union[str, os.PathLike], prefix: str) -> D
 def load_aux_weights(transformer: torch.nn.Module, model: str, aux: Dict[str, torch.Tensor], source: str) -> None:
     """Copy aux weights into a patched transformer; warn and keep the initial copy of the main
     embedder when `aux` is empty; ValueError on missing, unknown or mis-shaped keys."""
-    prefix = diffusers_patch.module_for(model).AUX_PREFIX
+    bb = diffusers_patch.backbone(model)
+    prefix = bb.aux_prefix
     state = transformer.state_dict()
     expected = {k for k in state if k.startswith(prefix)}
     if not expected:  # LoRA mode: no second embedder
@@ -259,8 +258,6 @@ def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None
     patched and wired to it. Missing files raise FileNotFoundError, everything else that is
     wrong with the folder or the arguments ValueError.
     """
-    import diffusers
-
     if mode not in ("aux", "lora"):
         raise ValueError(f'mode: expected "aux" or "lora", got {mode!r}')
     if scheduler is not None and not isinstance(scheduler, TwinFlowScheduler):
@@ -268,20 +265,19 @@ def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None
     dtype = resolve_dtype(torch_dtype)
     dev = resolve_device(device)
     root = check_pipeline_folder(path, model)
-    spec = MODELS[model]
-    prefix = diffusers_patch.module_for(model).AUX_PREFIX
-    aux = read_aux_weights(root / "transformer", prefix)
+    bb = diffusers_patch.backbone(model)
+    model = bb.name
+    aux = read_aux_weights(root / "transformer", bb.aux_prefix)
     load_kw = dict(local_files_only=True, **({} if dtype is None else {_dtype_keyword(): dtype}))
     try:
-        transformer_cls = getattr(diffusers, spec.transformer)
-        with _aux_keys_expected(transformer_cls, prefix):
+        transformer_cls = bb.transformer_class()
+        with _aux_keys_expected(transformer_cls, bb.aux_prefix):
             transformer = transformer_cls.from_pretrained(root, subfolder="transformer", **load_kw)
         scheduler = scheduler if scheduler is not None else TwinFlowPresetScheduler()
-        pipe = getattr(diffusers, spec.pipeline).from_pretrained(root, transformer=transformer, scheduler=scheduler,
-                                                                 **load_kw)
+        pipe = bb.load_pipeline(root, transformer=transformer, scheduler=scheduler, **load_kw)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{root}: could not load it as a {spec.pipeline}: {e}") from e
-    diffusers_patch.patch(pipe.transformer, model, mode=mode)
+        raise ValueError(f"{root}: could not load it as a {bb.pipeline_class_name}: {e}") from e
+    bb.patch(pipe.transformer, mode=mode)
     load_aux_weights(pipe.transformer, model, aux, str(root / "transformer"))
     diffusers_patch.set_target_time(pipe.transformer, pipe.scheduler)
     if dev is not None:

@@ -13,7 +13,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-MODELS = ("sd3", "qwen-image", "z-image", "sana")
+import diffusers_patch
+
+#: backbone names (the registry in diffusers_patch)
+MODELS = tuple(diffusers_patch.MODELS)
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("bf16", "no")
 
