@@ -115,6 +115,12 @@ class Backbone:
     def check_config(self, transformer: nn.Module) -> None:
         """ValueError for a transformer configuration the patch does not support."""
 
+    @property
+    def aux_init_text(self) -> str:
+        """How ``make_aux`` initialises the aux embedder, for messages."""
+        return ("N(0, 0.02) weights and zero biases" if self.aux_init == "normal"
+                else "a copy of the main timestep embedder")
+
     def make_aux(self, embed: nn.Module) -> nn.Module:
         """The aux embedder before any trained weights are loaded (published initialisation)."""
         return normal_init(embed) if self.aux_init == "normal" else fresh_copy(embed)

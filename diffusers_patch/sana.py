@@ -1,4 +1,4 @@
-"""TwinFlow patch for ``diffusers.SanaTransformer2DModel`` (the Sana backbone of OpenUni), SPEC §4.
+"""TwinFlow patch for ``diffusers.SanaTransformer2DModel`` (stock Sana, also OpenUni's backbone), SPEC §4.
 
 Time convention: SanaPipeline passes ``timestep = t_s · timestep_scale`` where t_s is the
 scheduler's timestep, ``1000·t`` for its flow-matching schedulers (t in "t units", 1 = noise,
@@ -10,7 +10,7 @@ the modulation feeds every block, the embedded timestep the output norm). That c
 only one hooked: the ``forward`` of the ``time_embed`` instance is replaced (parameter names
 unchanged).
 
-mode "aux" (SPEC §4 row "Sana (OpenUni)")::
+mode "aux" (SPEC §4 row "Sana (OpenUni)", as the published OpenUni Sana wrapper)::
 
     (mod, emb)   = time_embed(S·t)
     (mod₂, emb₂) = time_embed_2(S·tt)
@@ -19,9 +19,10 @@ mode "aux" (SPEC §4 row "Sana (OpenUni)")::
 i.e. the aux term is added to both the modulation and the embedded timestep. t = timestep/S,
 tt = ``_common.target_time`` (tt = t when none is set: stock output exactly). SPEC writes
 emb₂(tt); here tt is given to emb₂ in the embedder's own input units (S·tt, like the main
-embedder and like the SD3 row), while the scale (t − tt) is in t units. ``time_embed_2`` is a
-deep copy of ``time_embed``; SPEC gives no published key names for Sana, ``AUX_PREFIX`` mirrors
-the Qwen-Image naming.
+embedder and like the SD3 row), while the scale (t − tt) is in t units. ``time_embed_2`` is an
+``AdaLayerNormSingle`` like ``time_embed`` (published key prefix ``time_embed_2.``); without
+trained weights its Linear layers start from N(0, 0.02) weights and zero biases, as the
+published training does.
 
 mode "lora"::  time_embed(S·(t − tt/2)), no second embedder.
 
@@ -73,7 +74,7 @@ class Sana(Backbone):
     name, label = MODEL, "Sana"
     transformer_class_name, pipeline_class_name, vae_class_name = (
         "SanaTransformer2DModel", "SanaPipeline", "AutoencoderDC")
-    embed_name, aux_name, aux_init = MAIN, AUX, "copy"
+    embed_name, aux_name, aux_init = MAIN, AUX, "normal"  # published initialisation
     # SanaPipeline otherwise renders at the nearest trained aspect-ratio bin and resizes.
     exact_size = (("use_resolution_binning", False),)
     text_keys = ("prompt_embeds", "prompt_attention_mask")

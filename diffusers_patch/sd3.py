@@ -12,10 +12,11 @@ mode "aux" (SPEC §4 row "SD3 / SD3.5")::
     temb = time_text_embed(1000·t, pooled) + time_text_embed_2(1000·tt, pooled)·(t − tt)
 
 with t = timestep / 1000 and tt = ``_common.target_time`` (tt = t when none is set, so the
-stock output is kept exactly). ``time_text_embed_2`` is a deep copy of ``time_text_embed``
-(the published initialisation), registered as a submodule, so ``state_dict()`` gains exactly
-the keys under ``AUX_PREFIX``. SPEC gives no published key names for SD3; ``AUX_PREFIX``
-mirrors the Qwen-Image naming.
+stock output is kept exactly). ``time_text_embed_2`` is a full
+``CombinedTimestepTextProjEmbeddings`` (timestep and pooled-text parts) registered as a
+submodule, so ``state_dict()`` gains exactly the keys under ``AUX_PREFIX`` = the published
+``time_text_embed_2.*``. Without trained weights its Linear layers start from N(0, 0.02)
+weights and zero biases, as the published training does (not a copy of the main embedder).
 
 mode "lora" (SPEC §4 row "LoRA variant")::
 
@@ -56,7 +57,7 @@ def _lora_forward(transformer, orig, timestep, pooled_projection):
 class SD3(Backbone):
     name, label = MODEL, "SD3 / SD3.5"
     transformer_class_name, pipeline_class_name = "SD3Transformer2DModel", "StableDiffusion3Pipeline"
-    embed_name, aux_name, aux_init = MAIN, AUX, "copy"
+    embed_name, aux_name, aux_init = MAIN, AUX, "normal"  # published initialisation
     text_keys = ("prompt_embeds", "pooled_prompt_embeds")
     forwards = {"aux": _aux_forward, "lora": _lora_forward}
 

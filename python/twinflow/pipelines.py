@@ -189,8 +189,9 @@ def read_aux_weights(transformer_dir: Union[str, os.PathLike], prefix: str) -> D
 
 
 def load_aux_weights(transformer: torch.nn.Module, model: str, aux: Dict[str, torch.Tensor], source: str) -> None:
-    """Copy aux weights into a patched transformer; warn and keep the initial copy of the main
-    embedder when `aux` is empty; ValueError on missing, unknown or mis-shaped keys."""
+    """Copy aux weights into a patched transformer (trained weights always win); warn and keep
+    the backbone's published initialisation when `aux` is empty; ValueError on missing, unknown
+    or mis-shaped keys."""
     bb = diffusers_patch.backbone(model)
     prefix = bb.aux_prefix
     state = transformer.state_dict()
@@ -202,8 +203,7 @@ def load_aux_weights(transformer: torch.nn.Module, model: str, aux: Dict[str, to
         return
     if not aux:
         warnings.warn(f"{source}: no aux target-time weights ({prefix}*) in the checkpoint; initialised them as "
-                      "a copy of the main timestep embedder (the published initialisation, not trained weights)",
-                      stacklevel=3)
+                      f"{bb.aux_init_text} (the published initialisation, not trained weights)", stacklevel=3)
         return
     missing, unknown = sorted(expected - set(aux)), sorted(set(aux) - expected)
     if missing or unknown:
