@@ -7,8 +7,12 @@ published checkpoints; ``set_target_time(transformer, scheduler)`` wires it to t
 ``TwinFlowScheduler`` whose ``tt`` tensor is updated in place before every model call.
 Without a target time (``None``) tt = t.
 
-One module per backbone: ``qwen_image``, ``z_image``, ``sd3``, ``sana``. Each exposes
-``AUX_PREFIX``, ``patch(transformer, mode="aux" | "lora")`` and ``unpatch``.
+One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``) holds everything
+specific to it in one ``Backbone`` object, ``BACKBONE`` (classes, time mapping, aux keys and
+initialisation, pipeline call arguments, training glue; see ``_backbone.py``), and exposes
+``AUX_PREFIX``, ``patch(transformer, mode="aux" | "lora")`` and ``unpatch``. ``MODELS`` below
+is the one registry of backbones: every other module asks it (``backbone(name)``). Adding a
+backbone is adding its module and one line here.
 """
 
 from __future__ import annotations
@@ -16,24 +20,52 @@ from __future__ import annotations
 import importlib
 import torch
 
+from typing import Dict
+
+from ._backbone import Backbone
 from ._common import TT_ATTR, is_patched
 
-MODELS = {"qwen-image": "qwen_image", "z-image": "z_image", "sd3": "sd3", "sana": "sana"}
+#: The registry: backbone name → the module defining its ``BACKBONE`` (a module of this
+#: package, or a full dotted module path). Importing a backbone module does not import
+#: diffusers, so listing names stays cheap.
+MODELS = {
+    "qwen-image": "qwen_image",
+    "z-image": "z_image",
+    "sd3": "sd3",
+    "sana": "sana",
+}
 
-__all__ = ["MODELS", "module_for", "patch", "set_target_time", "is_patched"]
+__all__ = ["MODELS", "Backbone", "backbone", "backbones", "canonical_name", "module_for", "patch",
+           "set_target_time", "is_patched"]
+
+
+def canonical_name(model: str) -> str:
+    """The registry name of `model` ("Z_Image" → "z-image"); ValueError naming the choices."""
+    key = model.lower().replace("_", "-") if isinstance(model, str) else model
+    if key not in MODELS:
+        raise ValueError(f"model: unknown backbone {model!r}, expected one of {sorted(MODELS)}")
+    return key
 
 
 def module_for(model: str):
-    """The patch module of a backbone name ("qwen-image", "z-image", "sd3", "sana")."""
-    key = model.lower().replace("_", "-")
-    if key not in MODELS:
-        raise ValueError(f"model: unknown backbone {model!r}, expected one of {sorted(MODELS)}")
-    return importlib.import_module(f"{__name__}.{MODELS[key]}")
+    """The module of a backbone name ("qwen-image", "z-image", "sd3", "sana")."""
+    module = MODELS[canonical_name(model)]
+    return importlib.import_module(module if "." in module else f"{__name__}.{module}")
+
+
+def backbone(model: str) -> Backbone:
+    """The ``Backbone`` of a registered name."""
+    return module_for(model).BACKBONE
+
+
+def backbones() -> Dict[str, Backbone]:
+    """{name: Backbone} for every registered backbone, in registry order."""
+    return {name: backbone(name) for name in MODELS}
 
 
 def patch(transformer: torch.nn.Module, model: str, mode: str = "aux") -> torch.nn.Module:
     """Patch `transformer` (in place) as the TwinFlow backbone of `model`; returns it."""
-    return module_for(model).patch(transformer, mode=mode)
+    return backbone(model).patch(transformer, mode=mode)
 
 
 def set_target_time(transformer: torch.nn.Module, tt) -> None:

@@ -26,13 +26,14 @@ import copy
 import torch
 from torch import nn
 
-from ._common import TT_ATTR, install, lora_label, target_time, uninstall
+from ._backbone import Backbone, ones_mask
+from ._common import TT_ATTR, lora_label, target_time
 
 AUX_PREFIX = "time_text_embed_2."
 MODEL = "qwen-image"
 _AUX_NAME = AUX_PREFIX[:-1]
 
-__all__ = ["AUX_PREFIX", "patch", "unpatch"]
+__all__ = ["AUX_PREFIX", "BACKBONE", "patch", "unpatch"]
 
 
 class QwenAuxTimeEmbed(nn.Module):
@@ -46,18 +47,6 @@ class QwenAuxTimeEmbed(nn.Module):
     def forward(self, timestep: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         proj = self.time_proj(timestep)
         return self.timestep_embedder(proj.to(dtype=hidden_states.dtype))
-
-
-def _make_aux(embed: nn.Module) -> nn.Module:
-    # Only the timestep path: a full copy would also bring addition_t_embedding.
-    return QwenAuxTimeEmbed(copy.deepcopy(embed.time_proj), copy.deepcopy(embed.timestep_embedder))
-
-
-def _check(transformer) -> None:
-    from diffusers import QwenImageTransformer2DModel
-
-    if not isinstance(transformer, QwenImageTransformer2DModel):
-        raise TypeError(f"expected a QwenImageTransformer2DModel, got {type(transformer).__name__}")
 
 
 def _time_and_target(transformer, timestep: torch.Tensor):
@@ -82,21 +71,48 @@ def _lora_forward(transformer, orig, timestep, hidden_states, *args, **kwargs):
     return orig(lora_label(t, tt), hidden_states, *args, **kwargs)
 
 
-_FORWARDS = {"aux": _aux_forward, "lora": _lora_forward}
+class QwenImage(Backbone):
+    name, label = MODEL, "Qwen-Image"
+    transformer_class_name, pipeline_class_name, vae_class_name = (
+        "QwenImageTransformer2DModel", "QwenImagePipeline", "AutoencoderKLQwenImage")
+    embed_name, aux_name, aux_init = "time_text_embed", _AUX_NAME, "copy"
+    cfg_kwarg = "true_cfg_scale"
+    text_keys = ("prompt_embeds", "prompt_embeds_mask")
+    forwards = {"aux": _aux_forward, "lora": _lora_forward}
+
+    def make_aux(self, embed):
+        # Only the timestep path: a full copy would also bring addition_t_embedding.
+        return QwenAuxTimeEmbed(copy.deepcopy(embed.time_proj), copy.deepcopy(embed.timestep_embedder))
+
+    def call(self, transformer, x, t, cond):
+        # QwenImagePipeline._pack_latents / _unpack_latents: 2×2 patches become tokens.
+        b, c, h, w = x.shape
+        tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        out = transformer(hidden_states=tokens, encoder_hidden_states=cond[0], encoder_hidden_states_mask=cond[1],
+                          timestep=t, img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def encode_text(self, pipe, texts, device):
+        pe, mask = pipe.encode_prompt(prompt=texts, device=device)
+        return {"prompt_embeds": pe, "prompt_embeds_mask": ones_mask(pe, mask)}
+
+    @staticmethod
+    def _stats(vae, latents):
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(shape)
+        std = torch.tensor(vae.config.latents_std, device=latents.device).view(shape)
+        return mean, std
+
+    def encode_latents(self, vae, pixels, generator):
+        lat = vae.encode(pixels[:, :, None].to(vae.dtype)).latent_dist.sample(generator).float()
+        mean, std = self._stats(vae, lat)
+        return ((lat - mean) / std)[:, :, 0]
+
+    def decode_latents(self, vae, latents):
+        lat = latents[:, :, None].float()
+        mean, std = self._stats(vae, lat)
+        return vae.decode((lat * std + mean).to(vae.dtype)).sample[:, :, 0].float()
 
 
-def patch(transformer: nn.Module, mode: str = "aux") -> nn.Module:
-    """Patch a ``QwenImageTransformer2DModel`` in place (idempotent); returns it.
-
-    An existing ``time_text_embed_2`` (e.g. trained aux weights already attached) is kept;
-    otherwise it starts as a copy of ``time_text_embed``'s embedder.
-    """
-    _check(transformer)
-    return install(transformer, model=MODEL, mode=mode, embed_name="time_text_embed", aux_name=_AUX_NAME,
-                   forwards=_FORWARDS, make_aux=_make_aux)
-
-
-def unpatch(transformer: nn.Module) -> nn.Module:
-    """Restore the stock behaviour and state dict (drops the aux embedder); returns it."""
-    _check(transformer)
-    return uninstall(transformer, embed_name="time_text_embed", aux_name=_AUX_NAME)
+BACKBONE = QwenImage()
+patch, unpatch = BACKBONE.patch, BACKBONE.unpatch

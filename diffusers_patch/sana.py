@@ -1,4 +1,4 @@
-"""TwinFlow patch for ``diffusers.SanaTransformer2DModel`` (the Sana backbone of OpenUni), SPEC §4.
+"""TwinFlow patch for ``diffusers.SanaTransformer2DModel`` (stock Sana, also OpenUni's backbone), SPEC §4.
 
 Time convention: SanaPipeline passes ``timestep = t_s · timestep_scale`` where t_s is the
 scheduler's timestep, ``1000·t`` for its flow-matching schedulers (t in "t units", 1 = noise,
@@ -10,7 +10,7 @@ the modulation feeds every block, the embedded timestep the output norm). That c
 only one hooked: the ``forward`` of the ``time_embed`` instance is replaced (parameter names
 unchanged).
 
-mode "aux" (SPEC §4 row "Sana (OpenUni)")::
+mode "aux" (SPEC §4 row "Sana (OpenUni)", as the published OpenUni Sana wrapper)::
 
     (mod, emb)   = time_embed(S·t)
     (mod₂, emb₂) = time_embed_2(S·tt)
@@ -19,9 +19,10 @@ mode "aux" (SPEC §4 row "Sana (OpenUni)")::
 i.e. the aux term is added to both the modulation and the embedded timestep. t = timestep/S,
 tt = ``_common.target_time`` (tt = t when none is set: stock output exactly). SPEC writes
 emb₂(tt); here tt is given to emb₂ in the embedder's own input units (S·tt, like the main
-embedder and like the SD3 row), while the scale (t − tt) is in t units. ``time_embed_2`` is a
-deep copy of ``time_embed``; SPEC gives no published key names for Sana, ``AUX_PREFIX`` mirrors
-the Qwen-Image naming.
+embedder and like the SD3 row), while the scale (t − tt) is in t units. ``time_embed_2`` is an
+``AdaLayerNormSingle`` like ``time_embed`` (published key prefix ``time_embed_2.``); without
+trained weights its Linear layers start from N(0, 0.02) weights and zero biases, as the
+published training does.
 
 mode "lora"::  time_embed(S·(t − tt/2)), no second embedder.
 
@@ -32,9 +33,12 @@ wrapper around Sana is not part of diffusers and is not patched here.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from ._common import install, lora_label, scaled_times, uninstall
+from ._backbone import Backbone, ones_mask
+from ._common import lora_label, scaled_times
 
 MODEL = "sana"
 MAIN = "time_embed"
@@ -43,14 +47,7 @@ AUX_PREFIX = AUX + "."
 #: scheduler timesteps are t · NUM_TRAIN_TIMESTEPS (before the pipeline's timestep_scale)
 NUM_TRAIN_TIMESTEPS = 1000.0
 
-__all__ = ["AUX_PREFIX", "patch", "unpatch"]
-
-
-def _check(transformer) -> None:
-    from diffusers import SanaTransformer2DModel
-
-    if not isinstance(transformer, SanaTransformer2DModel):
-        raise TypeError(f"sana.patch: expected a diffusers SanaTransformer2DModel, got {type(transformer).__name__}")
+__all__ = ["AUX_PREFIX", "BACKBONE", "patch", "unpatch"]
 
 
 def _scale(transformer) -> float:
@@ -73,20 +70,39 @@ def _lora_forward(transformer, orig, timestep, *args, **kwargs):
     return orig(lora_label(t, tt) * scale, *args, **kwargs)
 
 
-_FORWARDS = {"aux": _aux_forward, "lora": _lora_forward}
+class Sana(Backbone):
+    name, label = MODEL, "Sana"
+    transformer_class_name, pipeline_class_name, vae_class_name = (
+        "SanaTransformer2DModel", "SanaPipeline", "AutoencoderDC")
+    embed_name, aux_name, aux_init = MAIN, AUX, "normal"  # published initialisation
+    # SanaPipeline otherwise renders at the nearest trained aspect-ratio bin and resizes.
+    exact_size = (("use_resolution_binning", False),)
+    text_keys = ("prompt_embeds", "prompt_attention_mask")
+    forwards = {"aux": _aux_forward, "lora": _lora_forward}
+
+    def check_config(self, transformer):
+        if transformer.config.guidance_embeds:
+            raise ValueError("sana.patch: guidance_embeds=True (Sana-Sprint) is not supported: "
+                             "its pipeline uses a different timestep convention")
+
+    def call(self, transformer, x, t, cond):
+        return transformer(hidden_states=x, encoder_hidden_states=cond[0], encoder_attention_mask=cond[1],
+                           timestep=t * _scale(transformer), return_dict=False)[0]
+
+    def encode_text(self, pipe, texts, device):
+        # SanaPipeline.__call__ prefixes prompts with its "complex human instruction" by default;
+        # train on the embeddings inference will use.
+        chi = inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+        pe, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device,
+                                            complex_human_instruction=chi)
+        return {"prompt_embeds": pe, "prompt_attention_mask": ones_mask(pe, mask)}
+
+    def encode_latents(self, vae, pixels, generator):
+        return vae.encode(pixels.to(vae.dtype)).latent.float() * vae.config.scaling_factor
+
+    def decode_latents(self, vae, latents):
+        return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
 
 
-def patch(transformer: torch.nn.Module, mode: str = "aux") -> torch.nn.Module:
-    """Patch a SanaTransformer2DModel in place (idempotent); returns it. Wire tt with
-    ``diffusers_patch.set_target_time(transformer, scheduler)``."""
-    _check(transformer)
-    if transformer.config.guidance_embeds:
-        raise ValueError("sana.patch: guidance_embeds=True (Sana-Sprint) is not supported: "
-                         "its pipeline uses a different timestep convention")
-    return install(transformer, model=MODEL, mode=mode, embed_name=MAIN, aux_name=AUX, forwards=_FORWARDS)
-
-
-def unpatch(transformer: torch.nn.Module) -> torch.nn.Module:
-    """Restore the stock behaviour and keys (drops the aux embedder and the tt wiring)."""
-    _check(transformer)
-    return uninstall(transformer, embed_name=MAIN, aux_name=AUX)
+BACKBONE = Sana()
+patch, unpatch = BACKBONE.patch, BACKBONE.unpatch

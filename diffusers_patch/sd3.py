@@ -12,10 +12,11 @@ mode "aux" (SPEC §4 row "SD3 / SD3.5")::
     temb = time_text_embed(1000·t, pooled) + time_text_embed_2(1000·tt, pooled)·(t − tt)
 
 with t = timestep / 1000 and tt = ``_common.target_time`` (tt = t when none is set, so the
-stock output is kept exactly). ``time_text_embed_2`` is a deep copy of ``time_text_embed``
-(the published initialisation), registered as a submodule, so ``state_dict()`` gains exactly
-the keys under ``AUX_PREFIX``. SPEC gives no published key names for SD3; ``AUX_PREFIX``
-mirrors the Qwen-Image naming.
+stock output is kept exactly). ``time_text_embed_2`` is a full
+``CombinedTimestepTextProjEmbeddings`` (timestep and pooled-text parts) registered as a
+submodule, so ``state_dict()`` gains exactly the keys under ``AUX_PREFIX`` = the published
+``time_text_embed_2.*``. Without trained weights its Linear layers start from N(0, 0.02)
+weights and zero biases, as the published training does (not a copy of the main embedder).
 
 mode "lora" (SPEC §4 row "LoRA variant")::
 
@@ -28,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import install, lora_label, scaled_times, uninstall
+from ._backbone import Backbone
+from ._common import lora_label, scaled_times
 
 MODEL = "sd3"
 MAIN = "time_text_embed"
@@ -37,14 +39,7 @@ AUX_PREFIX = AUX + "."
 #: the pipeline's timestep is t · TIME_SCALE
 TIME_SCALE = 1000.0
 
-__all__ = ["AUX_PREFIX", "patch", "unpatch"]
-
-
-def _check(transformer) -> None:
-    from diffusers import SD3Transformer2DModel
-
-    if not isinstance(transformer, SD3Transformer2DModel):
-        raise TypeError(f"sd3.patch: expected a diffusers SD3Transformer2DModel, got {type(transformer).__name__}")
+__all__ = ["AUX_PREFIX", "BACKBONE", "patch", "unpatch"]
 
 
 def _aux_forward(transformer, orig, timestep, pooled_projection):
@@ -59,17 +54,22 @@ def _lora_forward(transformer, orig, timestep, pooled_projection):
     return orig(lora_label(t, tt) * TIME_SCALE, pooled_projection)
 
 
-_FORWARDS = {"aux": _aux_forward, "lora": _lora_forward}
+class SD3(Backbone):
+    name, label = MODEL, "SD3 / SD3.5"
+    transformer_class_name, pipeline_class_name = "SD3Transformer2DModel", "StableDiffusion3Pipeline"
+    embed_name, aux_name, aux_init = MAIN, AUX, "normal"  # published initialisation
+    text_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    forwards = {"aux": _aux_forward, "lora": _lora_forward}
+
+    def call(self, transformer, x, t, cond):
+        return transformer(hidden_states=x, encoder_hidden_states=cond[0], pooled_projections=cond[1],
+                           timestep=t * TIME_SCALE, return_dict=False)[0]
+
+    def encode_text(self, pipe, texts, device):
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
+                                              do_classifier_free_guidance=False)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
 
 
-def patch(transformer: torch.nn.Module, mode: str = "aux") -> torch.nn.Module:
-    """Patch an SD3Transformer2DModel in place (idempotent); returns it. Wire tt with
-    ``diffusers_patch.set_target_time(transformer, scheduler)``."""
-    _check(transformer)
-    return install(transformer, model=MODEL, mode=mode, embed_name=MAIN, aux_name=AUX, forwards=_FORWARDS)
-
-
-def unpatch(transformer: torch.nn.Module) -> torch.nn.Module:
-    """Restore the stock behaviour and keys (drops the aux embedder and the tt wiring)."""
-    _check(transformer)
-    return uninstall(transformer, embed_name=MAIN, aux_name=AUX)
+BACKBONE = SD3()
+patch, unpatch = BACKBONE.patch, BACKBONE.unpatch

@@ -200,9 +200,9 @@ def test_zimage_time_embedding_formula():
     stock, patched = _pair(ZCase())
     _perturb_aux(ZCase, patched)
     t = torch.tensor([0.8, 0.4], dtype=torch.float64)
-    # signed tt: tt_z = sign(tt)(1 − |tt|), with tt = 0 (data) → tt_z = 1 (Z-Image's data end)
+    # signed tt: tt_z = torch.sign(tt)(1 − |tt|) as published, so tt = 0 → tt_z = 0
     tt = torch.tensor([0.0, -0.1], dtype=torch.float64)
-    t_z, tt_z = 1 - t, torch.tensor([1.0, -0.9], dtype=torch.float64)
+    t_z, tt_z = 1 - t, torch.tensor([0.0, -0.9], dtype=torch.float64)
     diffusers_patch.set_target_time(patched, tt)
     with torch.no_grad():
         got = patched.t_embedder((t_z * 1000).float())
@@ -410,6 +410,11 @@ def test_deepcopy_of_patched_model(case):
 twinflow = pytest.importorskip("twinflow")
 
 
+def _z(tt: float) -> float:
+    """Z-Image's tt_z of a TwinFlow tt ≥ 0, published: torch.sign(tt)(1 − tt), so tt = 0 → 0."""
+    return 0.0 if tt == 0 else 1.0 - tt
+
+
 def _record_aux_inputs(case, model):
     seen = []
     case.aux(model).register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
@@ -434,8 +439,8 @@ def test_scheduler_wiring(case):
         assert not torch.allclose(out, case.run(stock, t), atol=1e-4)
         if case.name == "qwen-image":
             torch.testing.assert_close(seen[-1], torch.full((B,), tt_now))
-        else:  # emb₂ gets t_scale·(tt_z − t_z) = 1000·(t − tt) for t, tt ≥ 0
-            torch.testing.assert_close(seen[-1], torch.full((B,), 1000 * (t - tt_now), dtype=torch.float64),
+        else:  # emb₂ gets t_scale·(tt_z − t_z)
+            torch.testing.assert_close(seen[-1], torch.full((B,), 1000 * (_z(tt_now) - (1 - t)), dtype=torch.float64),
                                        atol=1e-3, rtol=0)
         x = sched.step(out, ts, x).prev_sample
     assert len(seen) == 3
@@ -479,7 +484,7 @@ def test_stock_pipeline_end_to_end(case):
         if case.name == "qwen-image":
             torch.testing.assert_close(aux_in, torch.full_like(aux_in, tt))
         else:
-            torch.testing.assert_close(aux_in, (1000 * (t.double() - tt)), atol=1e-3, rtol=0)
+            torch.testing.assert_close(aux_in, (1000 * (_z(tt) - (1 - t.double()))), atol=1e-3, rtol=0)
     assert [c[1] for c in calls] == pytest.approx([0.5, 0.0])
     # the same run on the stock transformer differs (tt ≠ t at every call)
     out_stock = _pipeline_run(case, stock, twinflow.TwinFlowScheduler(sampling_style="any"))

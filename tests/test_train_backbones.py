@@ -105,3 +105,44 @@ def test_one_training_step(model):
     with torch.no_grad():
         img = family.decode_latents(pipe.vae, x)
     assert img.shape == (4, 3, TEST_SIZE, TEST_SIZE)
+
+
+CONFIG = {"sd3": "sd35", "qwen-image": "qwen_image", "z-image": "z_image", "sana": "sana"}
+
+
+@pytest.mark.parametrize("model", sorted(FAMILIES))
+def test_one_lora_training_step_with_the_published_targets(model):
+    """LoRA mode (label t − tt/2, no aux embedder) with the adapter of configs/<model>_lora_1order.yaml:
+    its published target modules exist in the backbone (the timestep embedder among them),
+    the TwinFlow step is finite and only the adapter gets gradients."""
+    import pathlib
+
+    from twinflow.training.config import load_config
+    from twinflow.training.models import add_lora
+
+    family = FAMILIES[model]
+    cfg = load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{CONFIG[model]}_lora_1order.yaml",
+                      ["lora.rank=4", "lora.alpha=4"])
+    pipe = build(model)
+    family.patch(pipe.transformer, mode="lora")
+    pipe.transformer.requires_grad_(False)
+    add_lora(pipe.transformer, cfg.lora, "online")
+    adapted = {n.split(".lora_A")[0] for n, _ in pipe.transformer.named_parameters() if ".lora_A." in n}
+    assert any("embedder" in n for n in adapted), sorted(adapted)  # the time embedder is adapted
+    net = TwinFlowModel(pipe.transformer, family).train()
+    with torch.no_grad():
+        embeds = family.encode_text(pipe, [f"picture {i}" for i in range(4)], torch.device("cpu"))
+        null = family.encode_text(pipe, [""], torch.device("cpu"))
+        x = family.encode_latents(pipe.vae, torch.rand(4, 3, TEST_SIZE, TEST_SIZE) * 2 - 1,
+                                  torch.Generator().manual_seed(0))
+    cond = [embeds[k] for k in family.text_keys]
+    uncond = [null[k].expand(4, *null[k].shape[1:]) for k in family.text_keys]
+    loss_fn = TwinFlowLoss("twinflow", **cfg.twinflow.settings())
+    loss = loss_fn(net, x, cond=cond, uncond=uncond, generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = {n: p.grad for n, p in pipe.transformer.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)  # the base stays frozen
+    # the time embedder's adapter learns (layers whose output the last block drops may get none)
+    emb = {n: g for n, g in grads.items() if "embedder" in n and ".lora_B." in n}
+    assert emb and all(g is not None and g.abs().sum() > 0 for g in emb.values()), emb.keys()

@@ -38,15 +38,24 @@ def test_published_settings(path):
     tf, t = cfg.twinflow, cfg.training
     assert cfg.lora.enabled is lora
     assert tf.estimate_order == int(order[0])
-    assert t.lr == (1e-4 if lora else 1e-5)
-    assert (t.grad_clip, t.mixed_precision, t.lr_scheduler) == (1.0, "bf16", "constant")
+    # SPEC §3.7, the published configs (Z-Image: Qwen-Image's; Sana: OpenUni's)
+    fam = {"z_image": "qwen_image"}.get(key, key)
+    assert t.lr == (1e-4 if lora or fam == "sana" else 1e-5)
+    assert t.adam_betas == ((0.9, 0.95) if fam == "sana" else (0.9, 0.99))
+    assert (t.grad_clip, t.weight_decay, t.mixed_precision, t.lr_scheduler) == (1.0, 0.0, "bf16", "constant")
     if lora:
         assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init) == (64, 64.0, "gaussian")
-        assert {"to_q", "to_k", "to_v", "to_out.0"} <= set(cfg.lora.target_modules)
-    emd = {"sana": 0.999}.get(key, 0.0 if (key == "qwen_image" and not lora) else 0.99)
-    assert tf.ema_decay_rate == emd
-    assert tf.enhanced_ratio == 0.8
+        assert any("to_q" in m for m in cfg.lora.target_modules)
+        assert any("t_embedder" in m or "timestep_embedder" in m for m in cfg.lora.target_modules)
+    emd = {("sd35", "full"): 0.99, ("sd35", "lora", 1): 0.0, ("sd35", "lora", 2): 0.99,
+           ("qwen_image", "full"): 0.0, ("qwen_image", "lora", 1): 1.0, ("qwen_image", "lora", 2): 0.99,
+           ("sana", "full"): 0.999, ("sana", "lora", 1): 0.0, ("sana", "lora", 2): 0.99}
+    want = emd[(fam, kind)] if kind == "full" else emd[(fam, kind, int(order[0]))]
+    assert tf.ema_decay_rate == want
+    assert tf.enhanced_ratio == (4.0 if (fam, kind, order) == ("qwen_image", "lora", "1order") else 0.8)
     assert tf.dist_match_cof == (0.75 if key == "sana" else 0.5)
+    assert t.batch_size == {"sd35": 8 if lora else 16, "qwen_image": 4, "sana": 16}[fam]
+    assert "Sana / OpenUni" not in path.read_text().splitlines()[0]
     assert t.batch_size >= 4  # the four TwinFlow sub-batches
 
 
@@ -66,6 +75,7 @@ def test_overrides_apply_and_validate(tmp_path):
     ({"training": {"batch_size": 0}}, ValueError, ["training.batch_size", ">= 1"]),
     ({"training": {"strategy": "zero3"}}, ValueError, ["training.strategy", "zero3"]),
     ({"training": {"adam_betas": [0.9]}}, ValueError, ["training.adam_betas", "2 values"]),
+    ({"training": {"adam_betas": [0.9, 1.5]}}, ValueError, ["training.adam_betas[1]", "[0, 1)"]),
     ({"training": {"lr_scheduler": "wiggly"}}, ValueError, ["training.lr_scheduler", "wiggly"]),
     ({"model": {"name": "flux"}}, ValueError, ["model.name", "flux"]),
     ({"model": {"pretrained_model_name_or_path": ""}}, ValueError, ["model.pretrained_model_name_or_path"]),

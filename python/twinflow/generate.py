@@ -27,8 +27,14 @@ from .cli import positive_int, register_command
 
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, choices=tuple(_BACKBONES), help="backbone of the checkpoint")
-    p.add_argument("--model-path", required=True, type=pathlib.Path,
-                   help="local diffusers pipeline folder (model_index.json, transformer/, ...)")
+    p.add_argument("--model-path", required=True,
+                   help="diffusers pipeline folder (model_index.json, transformer/, ...) or Hugging Face Hub repo "
+                        "id org/name (from the Hub cache; HF_HUB_OFFLINE=1 reads the cache only)")
+    p.add_argument("--subfolder", default=None, help="the pipeline folder inside --model-path")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id")
+    p.add_argument("--transformer", default=None, metavar="PATH",
+                   help="the TwinFlow transformer from another folder or repo id (a transformer folder, as the "
+                        "published training saves it); --model-path is then the base pipeline")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", type=pathlib.Path, help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default=None, help="used only with --guidance-scale > 1")
@@ -62,10 +68,17 @@ def _prompts(args: argparse.Namespace) -> List[str]:
     return prompts
 
 
-def _extra_call_args(model: str, args: argparse.Namespace) -> dict:
-    from .pipelines import MODELS
+def _describe(path: str) -> str:
+    """A local folder as its absolute path, a Hub repo id as given."""
+    local = pathlib.Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
 
-    kw = {MODELS[model].cfg_kwarg: args.guidance_scale, **dict(MODELS[model].exact_size)}
+
+def _extra_call_args(model: str, args: argparse.Namespace) -> dict:
+    import diffusers_patch
+
+    bb = diffusers_patch.backbone(model)
+    kw = {bb.cfg_kwarg: args.guidance_scale, **dict(bb.exact_size)}
     if args.guidance_scale > 1 and args.negative_prompt is not None:
         kw["negative_prompt"] = args.negative_prompt
     return kw
@@ -88,7 +101,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     dtype = ({"cuda": torch.bfloat16}.get(device.type, torch.float32) if args.dtype == "auto"
              else getattr(torch, args.dtype))
     try:
-        pipe = load_pipeline(args.model_path, args.model, torch_dtype=dtype, device=device, mode=args.mode)
+        pipe = load_pipeline(args.model_path, args.model, torch_dtype=dtype, device=device, mode=args.mode,
+                             transformer=args.transformer, subfolder=args.subfolder, revision=args.revision)
     except FileNotFoundError as e:  # the registry reports ValueError as a one-line error
         raise ValueError(str(e)) from e
     out_dir: pathlib.Path = args.output_dir
@@ -99,7 +113,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     extra = _extra_call_args(args.model, args)
     settings = {
         "command": "generate", "model": args.model,
-        "model_path": str(args.model_path.resolve()), "mode": args.mode, "steps": args.steps,
+        "model_path": _describe(args.model_path), "subfolder": args.subfolder, "revision": args.revision,
+        "transformer": None if args.transformer is None else _describe(args.transformer),
+        "mode": args.mode, "steps": args.steps,
         "height": args.height, "width": args.width, "seed": args.seed, "num_images": args.num_images,
         "negative_prompt": extra.get("negative_prompt"), "guidance_scale": args.guidance_scale,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),

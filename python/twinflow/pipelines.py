@@ -4,9 +4,11 @@
                                   device="cuda")
     image = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
 
-``load_pipeline`` reads a local diffusers-format folder (``model_index.json``, ``transformer/``
+``load_pipeline`` reads a diffusers-format folder (``model_index.json``, ``transformer/``
 with ``diffusion_pytorch_model.safetensors`` or shards plus their ``.index.json``, ``vae/``,
-text encoders, tokenizers, ``scheduler/``) with the stock pipeline class, patches the
+text encoders, tokenizers, ``scheduler/``) — local, or a Hub repo id through huggingface_hub's
+cache — optionally with the transformer from another folder (``transformer=``, e.g. what the
+published training writes: the transformer alone), with the stock pipeline class, patches the
 transformer with ``diffusers_patch`` (SPEC §4), loads the aux target-time embedder from the
 transformer's safetensors (keys the stock class does not know, so diffusers skips them) and
 installs a ``TwinFlowPresetScheduler`` wired to the transformer: each pipeline call gets the
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pathlib
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
@@ -29,8 +33,10 @@ import diffusers_patch
 
 from .scheduler import TwinFlowPresetScheduler, TwinFlowScheduler
 
-__all__ = ["MODELS", "ModelSpec", "load_pipeline", "check_pipeline_folder", "read_aux_weights", "load_aux_weights",
-           "resolve_dtype", "resolve_device"]
+__all__ = ["MODELS", "ModelSpec", "load_pipeline", "check_pipeline_folder", "check_transformer_folder",
+           "resolve_model_path", "read_aux_weights", "load_aux_weights", "resolve_dtype", "resolve_device"]
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -38,18 +44,17 @@ WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    pipeline: str      # diffusers pipeline class
+    """A summary of a registered backbone (``diffusers_patch.backbone(name)`` holds the rest)."""
+    pipeline: str      # pipeline class name
     transformer: str   # diffusers transformer class
     cfg_kwarg: str     # the pipeline argument that turns on classifier-free guidance (> 1)
     exact_size: Tuple[Tuple[str, object], ...] = ()  # pipeline arguments to render exactly height × width
 
 
+#: A view of the backbone registry (``diffusers_patch.MODELS``), kept for the public API.
 MODELS: Dict[str, ModelSpec] = {
-    "qwen-image": ModelSpec("QwenImagePipeline", "QwenImageTransformer2DModel", "true_cfg_scale"),
-    "z-image": ModelSpec("ZImagePipeline", "ZImageTransformer2DModel", "guidance_scale"),
-    "sd3": ModelSpec("StableDiffusion3Pipeline", "SD3Transformer2DModel", "guidance_scale"),
-    # SanaPipeline otherwise renders at the nearest trained aspect-ratio bin and resizes.
-    "sana": ModelSpec("SanaPipeline", "SanaTransformer2DModel", "guidance_scale", (("use_resolution_binning", False),)),
+    name: ModelSpec(b.pipeline_class_name, b.transformer_class_name, b.cfg_kwarg, tuple(b.exact_size))
+    for name, b in diffusers_patch.backbones().items()
 }
 
 
@@ -123,16 +128,89 @@ def transformer_weight_files(transformer_dir: pathlib.Path) -> Dict[str, pathlib
     return {"": single}
 
 
-def check_pipeline_folder(path: Union[str, os.PathLike], model: str) -> pathlib.Path:
-    """Check a diffusers pipeline folder before diffusers reads it: model_index.json, every
-    component folder it lists, JSON configs, safetensors headers, the transformer class.
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _snapshot(repo_id: str, revision: Optional[str], subfolder: Optional[str]) -> pathlib.Path:
+    """The local snapshot of a Hub repo through huggingface_hub (its cache; HF_HUB_OFFLINE and
+    HF_HUB_CACHE read at call time, so they also work when set after import)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    offline = constants.HF_HUB_OFFLINE or _env_flag("HF_HUB_OFFLINE")
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    try:
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=offline,
+                                   allow_patterns=None if subfolder is None else [f"{subfolder}/*"])
+    except LocalEntryNotFoundError as e:
+        why = "HF_HUB_OFFLINE is set" if offline else "the download failed"
+        raise FileNotFoundError(f"{repo_id}: no such local folder, and not in the Hugging Face cache {cache} "
+                                f"(revision {revision or 'main'}) while {why}: download it first "
+                                f"(huggingface-cli download {repo_id})") from e
+    except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:
+        raise ValueError(f"{repo_id}: {type(e).__name__}: {e}") from e
+    return pathlib.Path(folder)
+
+
+def resolve_model_path(path: Union[str, os.PathLike], *, subfolder: Optional[str] = None,
+                       revision: Optional[str] = None) -> pathlib.Path:
+    """The local folder of `path`: a local folder, or a Hugging Face Hub repo id ("org/repo",
+    resolved with ``huggingface_hub.snapshot_download`` as diffusers does: its cache, at
+    `revision`; HF_HUB_OFFLINE=1 reads the cache only), then `subfolder` inside it (a relative
+    path that stays inside)."""
+    if subfolder is not None:
+        parts = pathlib.PurePosixPath(str(subfolder)).parts
+        if not isinstance(subfolder, str) or not parts or pathlib.PurePath(subfolder).is_absolute() or ".." in parts:
+            raise ValueError(f"subfolder: expected a relative folder inside the model path, got {subfolder!r}")
+    if isinstance(path, (str, os.PathLike)) and pathlib.Path(path).expanduser().is_dir():
+        if revision is not None:
+            raise ValueError(f"revision: applies to Hub repo ids, but {str(path)!r} is a local folder")
+        base = pathlib.Path(path).expanduser()
+    elif isinstance(path, str) and _REPO_ID.fullmatch(path) and ".." not in path:
+        base = _snapshot(path, revision, subfolder)
+    else:
+        raise FileNotFoundError(f"model path {str(path)!r}: no such folder, and not a Hub repo id (org/name)")
+    root = base / subfolder if subfolder else base
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (subfolder {subfolder!r} of {str(path)!r})")
+    return root
+
+
+def check_transformer_folder(tdir: pathlib.Path, model: str) -> None:
+    """A transformer folder of `model`: config.json naming its class (the stock name, or the
+    stock name + "Wrapper" that the published TwinFlow training saves) and safetensors weights."""
+    want = diffusers_patch.backbone(model).transformer_class_name
+    if not tdir.is_dir():
+        raise FileNotFoundError(f"{tdir}: no such transformer folder")
+    config = tdir / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: missing")
+    found = _read_json(config).get("_class_name")
+    if found == want + "Wrapper":
+        logger.info("%s: %s is the published TwinFlow training wrapper of %s; loading it as the stock %s "
+                    "with the TwinFlow patch", config, found, want, want)
+    elif found != want:
+        raise ValueError(f"{config}: the transformer is a {found}, but model={model!r} needs a {want}")
+    for f in sorted(tdir.glob("*.safetensors")):
+        _check_safetensors(f)
+    transformer_weight_files(tdir)
+
+
+def check_pipeline_folder(path: Union[str, os.PathLike], model: str, *, with_transformer: bool = True
+                          ) -> pathlib.Path:
+    """Check a local diffusers pipeline folder before diffusers reads it: model_index.json,
+    every component folder it lists, JSON configs, safetensors headers, and (unless
+    `with_transformer` is False: the transformer comes from elsewhere) the transformer.
     Returns the folder. FileNotFoundError / ValueError name the problem."""
-    if model not in MODELS:
-        raise ValueError(f"model: unknown {model!r}, expected one of {sorted(MODELS)}")
+    diffusers_patch.backbone(model)
     root = pathlib.Path(path).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"model path {str(path)!r}: no such folder (load_pipeline reads a local "
-                                "diffusers folder; download it first, e.g. huggingface_hub.snapshot_download)")
+        raise FileNotFoundError(f"model path {str(path)!r}: no such folder")
     index = root / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{root}: not a diffusers pipeline folder (no model_index.json)")
@@ -141,6 +219,8 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str) -> pathlib.
     if "transformer" not in components:
         raise ValueError(f"{index}: lists no transformer")
     for name in components:
+        if name == "transformer":
+            continue
         sub = root / name
         if not sub.is_dir():
             raise FileNotFoundError(f"{sub}: missing (listed in model_index.json)")
@@ -148,14 +228,8 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str) -> pathlib.
             _read_json(f)
         for f in sorted(sub.glob("*.safetensors")):
             _check_safetensors(f)
-    tdir = root / "transformer"
-    config = tdir / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config}: missing")
-    found, want = _read_json(config).get("_class_name"), MODELS[model].transformer
-    if found != want:
-        raise ValueError(f"{config}: the transformer is a {found}, but model={model!r} needs a {want}")
-    transformer_weight_files(tdir)
+    if with_transformer:
+        check_transformer_folder(root / "transformer", model)
     return root
 
 
@@ -191,9 +265,11 @@ def read_aux_weights(transformer_dir: Union[str, os.PathLike], prefix: str) -> D
 
 
 def load_aux_weights(transformer: torch.nn.Module, model: str, aux: Dict[str, torch.Tensor], source: str) -> None:
-    """Copy aux weights into a patched transformer; warn and keep the initial copy of the main
-    embedder when `aux` is empty; ValueError on missing, unknown or mis-shaped keys."""
-    prefix = diffusers_patch.module_for(model).AUX_PREFIX
+    """Copy aux weights into a patched transformer (trained weights always win); warn and keep
+    the backbone's published initialisation when `aux` is empty; ValueError on missing, unknown
+    or mis-shaped keys."""
+    bb = diffusers_patch.backbone(model)
+    prefix = bb.aux_prefix
     state = transformer.state_dict()
     expected = {k for k in state if k.startswith(prefix)}
     if not expected:  # LoRA mode: no second embedder
@@ -203,8 +279,7 @@ def load_aux_weights(transformer: torch.nn.Module, model: str, aux: Dict[str, to
         return
     if not aux:
         warnings.warn(f"{source}: no aux target-time weights ({prefix}*) in the checkpoint; initialised them as "
-                      "a copy of the main timestep embedder (the published initialisation, not trained weights)",
-                      stacklevel=3)
+                      f"{bb.aux_init_text} (the published initialisation, not trained weights)", stacklevel=3)
         return
     missing, unknown = sorted(expected - set(aux)), sorted(set(aux) - expected)
     if missing or unknown:
@@ -243,46 +318,81 @@ def _dtype_keyword() -> str:
     return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
 
 
+def _transformer_folder(transformer, model: str) -> pathlib.Path:
+    """The folder of a `transformer=` path: a transformer folder (config.json), or a pipeline
+    folder / Hub repo holding one under transformer/."""
+    root = resolve_model_path(transformer)
+    if not (root / "config.json").is_file() and (root / "transformer" / "config.json").is_file():
+        root = root / "transformer"
+    check_transformer_folder(root, model)
+    return root
+
+
 def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None, device=None, mode: str = "aux",
-                  scheduler: Optional[TwinFlowScheduler] = None):
-    """Load a TwinFlow checkpoint folder into the stock diffusers pipeline of `model`.
+                  scheduler: Optional[TwinFlowScheduler] = None,
+                  transformer: Union[None, str, os.PathLike, torch.nn.Module] = None,
+                  subfolder: Optional[str] = None, revision: Optional[str] = None):
+    """Load a TwinFlow checkpoint into the stock diffusers pipeline of `model`.
 
     Args:
-        path: a local diffusers pipeline folder (nothing is downloaded).
-        model: "qwen-image", "z-image", "sd3" or "sana".
+        path: a local diffusers pipeline folder, or a Hugging Face Hub repo id ("org/repo",
+            resolved through huggingface_hub's cache; HF_HUB_OFFLINE=1 reads the cache only).
+        model: a registered backbone: "qwen-image", "z-image", "sd3" or "sana".
         torch_dtype: a torch dtype or its name; None loads float32 (diffusers' default).
         device: where to move the pipeline ("cpu", "cuda", "auto", a torch.device); None keeps CPU.
         mode: "aux" (second target-time embedder, weights from the checkpoint) or "lora" (SPEC §4).
         scheduler: a TwinFlowScheduler to install; default a :class:`TwinFlowPresetScheduler`.
+        transformer: the TwinFlow transformer, when `path` is only the base pipeline: a
+            transformer folder (what the published training and our checkpoints write:
+            config.json + safetensors), a pipeline folder or Hub repo id holding one under
+            transformer/, or an already loaded transformer module (patched or not).
+        subfolder: the pipeline folder inside `path` (e.g. a repo holding several).
+        revision: the Hub revision (branch, tag or commit) of a repo id.
 
     Returns the pipeline with ``pipe.scheduler`` the TwinFlow scheduler and ``pipe.transformer``
     patched and wired to it. Missing files raise FileNotFoundError, everything else that is
     wrong with the folder or the arguments ValueError.
     """
-    import diffusers
-
     if mode not in ("aux", "lora"):
         raise ValueError(f'mode: expected "aux" or "lora", got {mode!r}')
     if scheduler is not None and not isinstance(scheduler, TwinFlowScheduler):
         raise ValueError(f"scheduler: expected a TwinFlowScheduler, got {type(scheduler).__name__}")
+    if not (transformer is None or isinstance(transformer, (str, os.PathLike, torch.nn.Module))):
+        raise ValueError(f"transformer: expected a folder, a Hub repo id or a transformer module, "
+                         f"got {type(transformer).__name__}")
+    bb = diffusers_patch.backbone(model)
+    model = bb.name
     dtype = resolve_dtype(torch_dtype)
     dev = resolve_device(device)
-    root = check_pipeline_folder(path, model)
-    spec = MODELS[model]
-    prefix = diffusers_patch.module_for(model).AUX_PREFIX
-    aux = read_aux_weights(root / "transformer", prefix)
+    root = check_pipeline_folder(resolve_model_path(path, subfolder=subfolder, revision=revision), model,
+                                 with_transformer=transformer is None)
     load_kw = dict(local_files_only=True, **({} if dtype is None else {_dtype_keyword(): dtype}))
+    module = transformer if isinstance(transformer, torch.nn.Module) else None
+    if module is not None:
+        bb.check(module)
+        tdir, aux, source = None, None, f"transformer={type(module).__name__}"
+        if dtype is not None:
+            module.to(dtype)
+    else:
+        tdir = root / "transformer" if transformer is None else _transformer_folder(transformer, model)
+        aux, source = read_aux_weights(tdir, bb.aux_prefix), str(tdir)
     try:
-        transformer_cls = getattr(diffusers, spec.transformer)
-        with _aux_keys_expected(transformer_cls, prefix):
-            transformer = transformer_cls.from_pretrained(root, subfolder="transformer", **load_kw)
+        if module is None:
+            transformer_cls = bb.transformer_class()
+            with _aux_keys_expected(transformer_cls, bb.aux_prefix):
+                module = transformer_cls.from_pretrained(tdir, **load_kw)
         scheduler = scheduler if scheduler is not None else TwinFlowPresetScheduler()
-        pipe = getattr(diffusers, spec.pipeline).from_pretrained(root, transformer=transformer, scheduler=scheduler,
-                                                                 **load_kw)
+        pipe = bb.load_pipeline(root, transformer=module, scheduler=scheduler, **load_kw)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{root}: could not load it as a {spec.pipeline}: {e}") from e
-    diffusers_patch.patch(pipe.transformer, model, mode=mode)
-    load_aux_weights(pipe.transformer, model, aux, str(root / "transformer"))
+        raise ValueError(f"{root}: could not load it as a {bb.pipeline_class_name}: {e}") from e
+    if aux is None:  # a module: its own aux embedder (if attached) is the trained one
+        if mode == "aux" and not isinstance(getattr(pipe.transformer, bb.aux_name, None), torch.nn.Module):
+            warnings.warn(f"{source}: no aux target-time embedder ({bb.aux_prefix}*) attached; initialised it as "
+                          f"{bb.aux_init_text} (the published initialisation, not trained weights)", stacklevel=2)
+        bb.patch(pipe.transformer, mode=mode)
+    else:
+        bb.patch(pipe.transformer, mode=mode)
+        load_aux_weights(pipe.transformer, model, aux, source)
     diffusers_patch.set_target_time(pipe.transformer, pipe.scheduler)
     if dev is not None:
         pipe.to(dev)

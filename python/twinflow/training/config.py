@@ -13,7 +13,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-MODELS = ("sd3", "qwen-image", "z-image", "sana")
+import diffusers_patch
+
+#: backbone names (the registry in diffusers_patch)
+MODELS = tuple(diffusers_patch.MODELS)
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("bf16", "no")
 
@@ -259,6 +262,9 @@ def _check(cfg: TrainConfig, err: _Err) -> None:
     for key, v in {"training.lr": t.lr, "training.adam_eps": t.adam_eps}.items():
         if not v > 0:
             raise err.value(key, f"must be > 0, got {v}")
+    for i, b in enumerate(t.adam_betas):
+        if not 0.0 <= b < 1.0:
+            raise err.value(f"training.adam_betas[{i}]", f"must be in [0, 1), got {b}")
     for key, v in {"training.weight_decay": t.weight_decay, "training.grad_clip": t.grad_clip,
                    "training.lr_warmup_steps": t.lr_warmup_steps, "data.num_workers": cfg.data.num_workers}.items():
         if v < 0:

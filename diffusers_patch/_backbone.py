@@ -1,0 +1,162 @@
+"""``Backbone``: everything that is specific to one backbone, in one object.
+
+Each backbone module (``qwen_image``, ``z_image``, ``sd3``, ``sana``) defines a subclass and
+one instance ``BACKBONE``; the registry in ``diffusers_patch/__init__.py`` lists the modules.
+Loading (``twinflow.load_pipeline``), generation (``twinflow generate``) and training
+(``twinflow train``) ask the registry and use only what is declared here:
+
+* classes: the transformer, the pipeline (a diffusers class name, or override
+  ``pipeline_class`` / ``load_pipeline`` for a pipeline of our own) and the VAE;
+* the TwinFlow patch (SPEC §4): the hooked embedder, the aux embedder's name (its checkpoint
+  key prefix) and initialisation, and the hook per mode (``forwards``);
+* pipeline call arguments: the classifier-free-guidance keyword, exact-size arguments;
+* training glue: the text tensors (``text_keys``, ``encode_text``), the model call
+  (``call``: TwinFlow time t → the model's own time convention), latents to and from pixels,
+  the attributes holding the transformer blocks (FSDP units).
+
+Only names are declared at import time: diffusers is imported when a class is asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ._common import fresh_copy, install, uninstall
+
+__all__ = ["Backbone", "normal_init", "ones_mask"]
+
+
+def normal_init(embed: nn.Module, std: float = 0.02) -> nn.Module:
+    """A fresh copy of `embed` whose Linear layers have N(0, std²) weights and zero biases (the
+    published SD3 and Sana initialisation of the aux embedder). Uses torch's global RNG."""
+    aux = fresh_copy(embed)
+    with torch.no_grad():
+        for m in aux.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return aux
+
+
+def ones_mask(embeds: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The attention mask of `embeds` [B, L, D], all ones when the pipeline gives none."""
+    if mask is None:
+        return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return mask
+
+
+def _diffusers_class(name: str):
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+class Backbone:
+    """One TwinFlow backbone. Subclasses set the class attributes and implement ``call`` and
+    ``encode_text``; the defaults cover diffusers pipelines with an ``AutoencoderKL``."""
+
+    #: registry name ("sd3", ...) and the name used in documentation
+    name: str = ""
+    label: str = ""
+    #: diffusers class names
+    transformer_class_name: str = ""
+    pipeline_class_name: str = ""
+    vae_class_name: str = "AutoencoderKL"
+    #: the time embedder the patch hooks, and the aux embedder's attribute (= key prefix)
+    embed_name: str = ""
+    aux_name: str = ""
+    #: "copy" (a copy of the main embedder) or "normal" (N(0, 0.02) weights, zero biases)
+    aux_init: str = "copy"
+    #: the pipeline argument that turns on classifier-free guidance (> 1)
+    cfg_kwarg: str = "guidance_scale"
+    #: pipeline arguments needed to render exactly height × width
+    exact_size: Tuple[Tuple[str, object], ...] = ()
+    #: names of the text tensors, in the order of the cond list the model call receives
+    text_keys: Sequence[str] = ()
+    #: attribute(s) holding the transformer blocks (each block is one FSDP2 unit)
+    block_attrs: Sequence[str] = ("transformer_blocks",)
+    #: mode → hook ``f(transformer, original_forward, *args, **kwargs)`` of the main embedder
+    forwards: Dict[str, Callable] = {}
+
+    @property
+    def aux_prefix(self) -> str:
+        return self.aux_name + "."
+
+    def __repr__(self) -> str:
+        return f"<backbone {self.name}>"
+
+    # ------------------------------------------------------------------ classes
+
+    def transformer_class(self):
+        return _diffusers_class(self.transformer_class_name)
+
+    def pipeline_class(self):
+        return _diffusers_class(self.pipeline_class_name)
+
+    def vae_class(self):
+        return _diffusers_class(self.vae_class_name)
+
+    def load_pipeline(self, root, *, transformer: nn.Module, scheduler, **load_kw):
+        """The pipeline of folder `root` around an already loaded `transformer`."""
+        return self.pipeline_class().from_pretrained(root, transformer=transformer, scheduler=scheduler, **load_kw)
+
+    # ------------------------------------------------------------------ patch (SPEC §4)
+
+    def check(self, transformer: nn.Module) -> None:
+        """TypeError unless `transformer` is this backbone's transformer."""
+        cls = self.transformer_class()
+        if not isinstance(transformer, cls):
+            raise TypeError(f"{self.name}: expected a {cls.__name__}, got {type(transformer).__name__}")
+
+    def check_config(self, transformer: nn.Module) -> None:
+        """ValueError for a transformer configuration the patch does not support."""
+
+    @property
+    def aux_init_text(self) -> str:
+        """How ``make_aux`` initialises the aux embedder, for messages."""
+        return ("N(0, 0.02) weights and zero biases" if self.aux_init == "normal"
+                else "a copy of the main timestep embedder")
+
+    def make_aux(self, embed: nn.Module) -> nn.Module:
+        """The aux embedder before any trained weights are loaded (published initialisation)."""
+        return normal_init(embed) if self.aux_init == "normal" else fresh_copy(embed)
+
+    def patch(self, transformer: nn.Module, mode: str = "aux") -> nn.Module:
+        """Patch `transformer` in place (idempotent per mode); returns it. An aux embedder
+        already attached (e.g. trained weights) is kept. Wire tt with
+        ``diffusers_patch.set_target_time(transformer, scheduler)``."""
+        self.check(transformer)
+        self.check_config(transformer)
+        return install(transformer, model=self.name, mode=mode, embed_name=self.embed_name,
+                       aux_name=self.aux_name, forwards=self.forwards, make_aux=self.make_aux)
+
+    def unpatch(self, transformer: nn.Module) -> nn.Module:
+        """Restore the stock behaviour and keys (drops the aux embedder and the tt wiring)."""
+        self.check(transformer)
+        return uninstall(transformer, embed_name=self.embed_name, aux_name=self.aux_name)
+
+    # ------------------------------------------------------------------ training glue
+
+    def call(self, transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: List[torch.Tensor]
+             ) -> torch.Tensor:
+        """The velocity z − x of latents x [B, C, h, w] at signed TwinFlow time t [B] (tt is
+        already wired with ``set_target_time``)."""
+        raise NotImplementedError
+
+    def encode_text(self, pipe, texts: List[str], device) -> Dict[str, torch.Tensor]:
+        """{name in text_keys: batch-first tensor} as the pipeline encodes `texts`."""
+        raise NotImplementedError
+
+    def encode_latents(self, vae, pixels: torch.Tensor, generator) -> torch.Tensor:
+        """Latents as the stock pipelines use them (AutoencoderKL with shift/scaling factors)."""
+        lat = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (lat.float() - shift) * vae.config.scaling_factor
+
+    def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
