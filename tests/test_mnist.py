@@ -136,6 +136,9 @@ def test_init_from_starts_from_the_base_and_resumes_exactly(real, tmp_path):
     assert one["total"]["images"] == 7 * 32
     saved = json.loads((tmp_path / "one" / "config.json").read_text())
     assert saved["init_from"] == one["init_from"] and saved["settings"]["init_from"] == str(tmp_path / "base")
+    # a fine-tuned base brings its whole budget along
+    two = train(_settings(max_steps=2, init_from=str(tmp_path / "one")), tmp_path / "two", **kw)
+    assert two["init_from"]["steps"] == 7 and two["total"]["steps"] == 9 and two["total"]["images"] == 9 * 32
 
     # fine-tuning resumes bit for bit, and the record survives the resume
     s = lambda n: _settings(max_steps=n, init_from=str(tmp_path / "base"))  # noqa: E731

@@ -132,9 +132,10 @@ class _Run:
             for k, v in self.model.state_dict().items():
                 v.copy_(weights[k])
                 self.ema[k].copy_(weights[k])
-        progress = base.get("progress", {})
-        return {"path": str(source), "method": base.get("method"), "steps": int(progress.get("step", 0)),
-                "images": int(progress.get("images", 0)), "elapsed_s": float(progress.get("elapsed_s", 0.0)),
+        # A base that was itself fine-tuned brings its whole budget along.
+        spent = base.get("total") or {"steps": base.get("progress", {}).get("step", 0), **base.get("progress", {})}
+        return {"path": str(source), "method": base.get("method"), "steps": int(spent.get("steps", 0)),
+                "images": int(spent.get("images", 0)), "elapsed_s": float(spent.get("elapsed_s", 0.0)),
                 "command": base.get("command")}
 
     def ema_update(self, decay: float) -> None:
