@@ -56,7 +56,7 @@ def _pipeline_latents(pipe, model, noise):
     return noise
 
 
-@pytest.mark.parametrize("model", sorted(FAMILIES))
+@pytest.mark.parametrize("model", sorted(set(FAMILIES) - {"openuni"}))  # OpenUni: test_train_openuni.py
 def test_model_call_matches_stock_pipeline(model):
     family = FAMILIES[model]
     pipe = build(model)
