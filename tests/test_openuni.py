@@ -263,3 +263,26 @@ def test_generate_cli(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "000-00.png").size == (TEST_SIZE, TEST_SIZE)
+
+
+def test_language_model_from_an_internvl_chat_folder(tmp_path):
+    """InternVL3's own folder layout: config.json with llm_config, weights language_model.model.*
+    beside the vision tower's and the LM head's (those are not used)."""
+    from safetensors.torch import save_file
+
+    from twinflow.openuni_pipeline import load_language_model
+
+    lm = build_openuni().text_encoder
+    weights = {"language_model.model." + k: v.contiguous() for k, v in lm.state_dict().items()}
+    weights["vision_model.embeddings.patch_embedding.weight"] = torch.zeros(2, 2)
+    weights["language_model.lm_head.weight"] = torch.zeros(320, 16)
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    llm_config = {**lm.config.to_dict(), "architectures": ["Qwen2ForCausalLM"], "torch_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"],
+                                                      "llm_config": llm_config, "vision_config": {}}))
+    loaded = load_language_model(tmp_path)
+    a, b = lm.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    del weights["language_model.model.norm.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    expect_error(ValueError, lambda: load_language_model(tmp_path), contains=("missing", "norm.weight"))
