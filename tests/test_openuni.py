@@ -286,3 +286,17 @@ def test_language_model_from_an_internvl_chat_folder(tmp_path):
     del weights["language_model.model.norm.weight"]
     save_file(weights, str(tmp_path / "model.safetensors"))
     expect_error(ValueError, lambda: load_language_model(tmp_path), contains=("missing", "norm.weight"))
+
+
+def test_damaged_openuni_folder(tmp_path):
+    import shutil
+
+    folder = tmp_path / "openuni"
+    shutil.copytree(saved_openuni("stock"), folder)
+    shutil.rmtree(folder / "meta_queries")
+    expect_error(FileNotFoundError, lambda: twinflow.load_pipeline(folder, model="openuni"),
+                 contains="meta_queries")
+    shutil.copytree(saved_openuni("stock") / "meta_queries", folder / "meta_queries")
+    (folder / "connector" / "diffusion_pytorch_model.safetensors").unlink()
+    expect_error(ValueError, lambda: twinflow.load_pipeline(folder, model="openuni"),
+                 contains=("could not load it as a OpenUniPipeline", "connector"))

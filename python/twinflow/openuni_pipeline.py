@@ -125,6 +125,8 @@ class OpenUniPipeline(DiffusionPipeline):
         unconditional one."""
         device = device or self._execution_device
         texts = [_facts.chat_prompt(p) for p in prompts]
+        if len(texts) > 1 and self.tokenizer.pad_token is None:
+            raise ValueError("tokenizer: no pad token, needed to encode several prompts at once")
         tok = self.tokenizer(texts, add_special_tokens=True, padding=True, padding_side="right", return_tensors="pt")
         ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device).bool()
         lm = self.text_encoder
