@@ -155,9 +155,10 @@ def test_published_pth_errors(tmp_path):
                  contains=("text_encoder", "tokenizer", "vae", "transformer_config"))
     expect_error(FileNotFoundError, lambda: twinflow.load_pipeline(tmp_path, model="openuni"),
                  contains="model_index.json")
-    expect_error(ValueError, lambda: twinflow.load_pipeline(saved_openuni("stock"), model="sana",
-                                                            transformer=tmp_path),
-                 contains=("model='sana'", "transformer=", "only for ['openuni']"))
+    expect_error(ValueError, lambda: twinflow.load_pipeline(saved_openuni("stock"), model="sana", text_encoder="x"),
+                 contains=("model='sana'", "text_encoder", "only for ['openuni']"))
+    expect_error(ValueError, lambda: twinflow.load_pipeline(root / "openuni.pth", model="sana"),
+                 contains=("model='sana'", "a weights file", "only for ['openuni']"))
 
 
 def test_twinflow_transformer_folder_and_trained_aux_weights_win():
