@@ -157,6 +157,8 @@ def test_published_pth_errors(tmp_path):
                  contains="model_index.json")
     expect_error(ValueError, lambda: twinflow.load_pipeline(saved_openuni("stock"), model="sana", text_encoder="x"),
                  contains=("model='sana'", "text_encoder", "only for ['openuni']"))
+    expect_error(ValueError, lambda: twinflow.load_pipeline(root / "openuni.pth", model="openuni", revision="main",
+                                                            **pth_components(root)), contains="revision")
     expect_error(ValueError, lambda: twinflow.load_pipeline(root / "openuni.pth", model="sana"),
                  contains=("model='sana'", "a weights file", "only for ['openuni']"))
 

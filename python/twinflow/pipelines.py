@@ -368,6 +368,8 @@ def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None
     dtype = resolve_dtype(torch_dtype)
     dev = resolve_device(device)
     if parts or (isinstance(path, (str, os.PathLike)) and pathlib.Path(path).expanduser().is_file()):
+        if subfolder is not None or revision is not None:
+            raise ValueError("subfolder / revision: apply to pipeline folders and Hub repo ids, not to a weights file")
         return _load_from_parts(bb, path, dtype, dev, mode, scheduler, transformer, parts)
     root = check_pipeline_folder(resolve_model_path(path, subfolder=subfolder, revision=revision), model,
                                  with_transformer=transformer is None)
