@@ -7,7 +7,7 @@ published checkpoints; ``set_target_time(transformer, scheduler)`` wires it to t
 ``TwinFlowScheduler`` whose ``tt`` tensor is updated in place before every model call.
 Without a target time (``None``) tt = t.
 
-One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``) holds everything
+One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``, ``openuni``) holds everything
 specific to it in one ``Backbone`` object, ``BACKBONE`` (classes, time mapping, aux keys and
 initialisation, pipeline call arguments, training glue; see ``_backbone.py``), and exposes
 ``AUX_PREFIX``, ``patch(transformer, mode="aux" | "lora")`` and ``unpatch``. ``MODELS`` below
@@ -33,6 +33,7 @@ MODELS = {
     "z-image": "z_image",
     "sd3": "sd3",
     "sana": "sana",
+    "openuni": "openuni",
 }
 
 __all__ = ["MODELS", "Backbone", "backbone", "backbones", "canonical_name", "module_for", "patch",
@@ -48,7 +49,7 @@ def canonical_name(model: str) -> str:
 
 
 def module_for(model: str):
-    """The module of a backbone name ("qwen-image", "z-image", "sd3", "sana")."""
+    """The module of a backbone name ("qwen-image", "z-image", "sd3", "sana", "openuni")."""
     module = MODELS[canonical_name(model)]
     return importlib.import_module(module if "." in module else f"{__name__}.{module}")
 

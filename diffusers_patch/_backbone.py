@@ -77,6 +77,8 @@ class Backbone:
     exact_size: Tuple[Tuple[str, object], ...] = ()
     #: names of the text tensors, in the order of the cond list the model call receives
     text_keys: Sequence[str] = ()
+    #: the prompts whose embeddings are the unconditional branch (guidance-enhanced target)
+    null_texts: Sequence[Optional[str]] = ("",)
     #: attribute(s) holding the transformer blocks (each block is one FSDP2 unit)
     block_attrs: Sequence[str] = ("transformer_blocks",)
     #: mode → hook ``f(transformer, original_forward, *args, **kwargs)`` of the main embedder

@@ -56,7 +56,7 @@ def _pipeline_latents(pipe, model, noise):
     return noise
 
 
-@pytest.mark.parametrize("model", sorted(FAMILIES))
+@pytest.mark.parametrize("model", sorted(set(FAMILIES) - {"openuni"}))  # OpenUni: test_train_openuni.py
 def test_model_call_matches_stock_pipeline(model):
     family = FAMILIES[model]
     pipe = build(model)
@@ -110,7 +110,7 @@ def test_one_training_step(model):
 CONFIG = {"sd3": "sd35", "qwen-image": "qwen_image", "z-image": "z_image", "sana": "sana"}
 
 
-@pytest.mark.parametrize("model", sorted(FAMILIES))
+@pytest.mark.parametrize("model", sorted(CONFIG))  # OpenUni: test_train_openuni.py (LoRA through twinflow train)
 def test_one_lora_training_step_with_the_published_targets(model):
     """LoRA mode (label t − tt/2, no aux embedder) with the adapter of configs/<model>_lora_1order.yaml:
     its published target modules exist in the backbone (the timestep embedder among them),

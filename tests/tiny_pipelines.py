@@ -208,19 +208,26 @@ def build_sd3():
                                     tokenizer_2=_clip_tokenizer(), text_encoder_3=te3, tokenizer_3=_t5_tokenizer())
 
 
-def build_sana():
-    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline
-    from transformers import Gemma2Config, Gemma2Model
+def tiny_dc_ae():
+    """A tiny AutoencoderDC (4 latent channels, ×2 downsampling), also OpenUni's (tests/tiny_openuni.py)."""
+    from diffusers import AutoencoderDC
 
-    torch.manual_seed(0)
-    transformer = _sana_transformer()
-    vae = AutoencoderDC(
+    return AutoencoderDC(
         in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
         decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
         decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
         encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1], downsample_block_type="conv",
         upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
         scaling_factor=0.41407)
+
+
+def build_sana():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    transformer = _sana_transformer()
+    vae = tiny_dc_ae()
     text_encoder = Gemma2Model(Gemma2Config(
         head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192, num_attention_heads=2,
         num_hidden_layers=1, num_key_value_heads=2, vocab_size=360, attn_implementation="eager")).eval()

@@ -331,13 +331,13 @@ def _transformer_folder(transformer, model: str) -> pathlib.Path:
 def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None, device=None, mode: str = "aux",
                   scheduler: Optional[TwinFlowScheduler] = None,
                   transformer: Union[None, str, os.PathLike, torch.nn.Module] = None,
-                  subfolder: Optional[str] = None, revision: Optional[str] = None):
+                  subfolder: Optional[str] = None, revision: Optional[str] = None, **parts):
     """Load a TwinFlow checkpoint into the stock diffusers pipeline of `model`.
 
     Args:
         path: a local diffusers pipeline folder, or a Hugging Face Hub repo id ("org/repo",
             resolved through huggingface_hub's cache; HF_HUB_OFFLINE=1 reads the cache only).
-        model: a registered backbone: "qwen-image", "z-image", "sd3" or "sana".
+        model: a registered backbone: "qwen-image", "z-image", "sd3", "sana" or "openuni".
         torch_dtype: a torch dtype or its name; None loads float32 (diffusers' default).
         device: where to move the pipeline ("cpu", "cuda", "auto", a torch.device); None keeps CPU.
         mode: "aux" (second target-time embedder, weights from the checkpoint) or "lora" (SPEC §4).
@@ -348,6 +348,9 @@ def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None
             transformer/, or an already loaded transformer module (patched or not).
         subfolder: the pipeline folder inside `path` (e.g. a repo holding several).
         revision: the Hub revision (branch, tag or commit) of a repo id.
+        **parts: for a backbone whose ``Backbone`` has ``load_from_parts`` (OpenUni): `path` may be
+            its base weights file (OpenUni's published ``.pth``), with the components it lacks
+            (``text_encoder``, ``tokenizer``, ``vae``, ``transformer_config``).
 
     Returns the pipeline with ``pipe.scheduler`` the TwinFlow scheduler and ``pipe.transformer``
     patched and wired to it. Missing files raise FileNotFoundError, everything else that is
@@ -364,6 +367,10 @@ def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None
     model = bb.name
     dtype = resolve_dtype(torch_dtype)
     dev = resolve_device(device)
+    if parts or (isinstance(path, (str, os.PathLike)) and pathlib.Path(path).expanduser().is_file()):
+        if subfolder is not None or revision is not None:
+            raise ValueError("subfolder / revision: apply to pipeline folders and Hub repo ids, not to a weights file")
+        return _load_from_parts(bb, path, dtype, dev, mode, scheduler, transformer, parts)
     root = check_pipeline_folder(resolve_model_path(path, subfolder=subfolder, revision=revision), model,
                                  with_transformer=transformer is None)
     load_kw = dict(local_files_only=True, **({} if dtype is None else {_dtype_keyword(): dtype}))
@@ -385,15 +392,48 @@ def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None
         pipe = bb.load_pipeline(root, transformer=module, scheduler=scheduler, **load_kw)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{root}: could not load it as a {bb.pipeline_class_name}: {e}") from e
-    if aux is None:  # a module: its own aux embedder (if attached) is the trained one
+    return _finish(bb, pipe, mode, aux, source, dev)
+
+
+def _finish(bb, pipe, mode: str, aux: Optional[Dict[str, torch.Tensor]], source: str, dev):
+    """Patch the pipeline's transformer, load its aux weights (None: a given module, whose own
+    aux embedder, if attached, is the trained one), wire it to the scheduler, move the pipeline."""
+    if aux is None:
         if mode == "aux" and not isinstance(getattr(pipe.transformer, bb.aux_name, None), torch.nn.Module):
             warnings.warn(f"{source}: no aux target-time embedder ({bb.aux_prefix}*) attached; initialised it as "
-                          f"{bb.aux_init_text} (the published initialisation, not trained weights)", stacklevel=2)
+                          f"{bb.aux_init_text} (the published initialisation, not trained weights)", stacklevel=3)
         bb.patch(pipe.transformer, mode=mode)
     else:
         bb.patch(pipe.transformer, mode=mode)
-        load_aux_weights(pipe.transformer, model, aux, source)
+        load_aux_weights(pipe.transformer, bb.name, aux, source)
     diffusers_patch.set_target_time(pipe.transformer, pipe.scheduler)
     if dev is not None:
         pipe.to(dev)
     return pipe
+
+
+def _load_from_parts(bb, path, dtype, dev, mode, scheduler, transformer, parts):
+    """A pipeline the backbone assembles itself (``load_from_parts``) from a base weights file
+    and the components it lacks; `transformer` (a folder, repo or module) replaces the base one."""
+    load = getattr(bb, "load_from_parts", None)
+    if load is None:
+        able = sorted(n for n, b in diffusers_patch.backbones().items() if hasattr(b, "load_from_parts"))
+        given = sorted(parts) or ["a weights file"]
+        raise ValueError(f"model={bb.name!r}: load_pipeline reads a diffusers pipeline folder or Hub repo; "
+                         f"{', '.join(given)}: only for {able}")
+    module, aux, source = None, {}, str(path)
+    if isinstance(transformer, torch.nn.Module):
+        bb.check(transformer)
+        module, aux, source = transformer, None, f"transformer={type(transformer).__name__}"
+    elif transformer is not None:
+        tdir = _transformer_folder(transformer, bb.name)
+        aux, source = read_aux_weights(tdir, bb.aux_prefix), str(tdir)
+        load_kw = dict(local_files_only=True, **({} if dtype is None else {_dtype_keyword(): dtype}))
+        try:
+            with _aux_keys_expected(bb.transformer_class(), bb.aux_prefix):
+                module = bb.transformer_class().from_pretrained(tdir, **load_kw)
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{tdir}: could not load it as a {bb.transformer_class_name}: {e}") from e
+    pipe = load(path, torch_dtype=dtype, transformer=module, **parts)
+    pipe.scheduler = scheduler if scheduler is not None else TwinFlowPresetScheduler()
+    return _finish(bb, pipe, mode, aux, source, dev)

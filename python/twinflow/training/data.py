@@ -1,4 +1,6 @@
-"""Training data: a parquet file of (text, image_bytes) rows or a folder of images + captions.
+"""Training data: a parquet file of (text, image_bytes) rows or a folder of images + captions;
+for image-free training (``twinflow.use_image_free``) prompts only: a parquet with just the
+caption column, or a .txt file with one prompt per line.
 
 Images are decoded with PIL, resized (shorter side) and center-cropped to the resolution,
 as [-1, 1] tensors. A parquet file may instead (or also) hold precomputed columns, each a
@@ -67,6 +69,8 @@ class ParquetDataset(Dataset):
                 self.columns[field] = field
             elif raw in names:
                 self.columns["image" if field == LATENTS else "text"] = raw
+            elif field == LATENTS:  # prompts only (image-free training)
+                continue
             else:
                 raise ValueError(f"{path}: needs {what} column {raw!r} (data.{what}_column) or a precomputed "
                                  f"{field!r} column; has {sorted(names)}")
@@ -97,7 +101,7 @@ class ParquetDataset(Dataset):
         out = {}
         if LATENTS in row:
             out[LATENTS] = tensors_from_bytes(row[LATENTS])[LATENTS]
-        else:
+        elif "image" in row:
             out["pixel_values"] = load_image(row["image"], self.resolution)
         if TEXT_EMBEDS in row:
             out[TEXT_EMBEDS] = tensors_from_bytes(row[TEXT_EMBEDS])
@@ -140,14 +144,36 @@ class FolderDataset(Dataset):
                 "text": p.with_suffix(".txt").read_text().strip()}
 
 
+class PromptsDataset(Dataset):
+    """A text file with one prompt per line (blank lines skipped): image-free training."""
+
+    def __init__(self, path):
+        try:
+            lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the prompts file ({e})") from e
+        self.prompts = [line.strip() for line in lines if line.strip()]
+        if not self.prompts:
+            raise ValueError(f"{path}: no prompts (one per line expected)")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"text": self.prompts[index]}
+
+
 def open_dataset(path, cfg) -> Dataset:
-    """A parquet file or an image folder, per `cfg` (a DataConfig)."""
+    """A parquet file, an image folder or a prompts .txt file, per `cfg` (a DataConfig). A
+    parquet without an image column, like the .txt file, gives prompts only (image-free training)."""
     p = pathlib.Path(path)
     if p.is_dir():
         return FolderDataset(p, cfg.resolution)
     if p.is_file() and p.suffix == ".parquet":
         return ParquetDataset(p, cfg.resolution, cfg.caption_column, cfg.image_column)
-    raise ValueError(f"--dataset-path: expected a .parquet file or an image folder, got {path}")
+    if p.is_file() and p.suffix == ".txt":
+        return PromptsDataset(p)
+    raise ValueError(f"--dataset-path: expected a .parquet file, an image folder or a prompts .txt file, got {path}")
 
 
 def pad_stack(items: List[torch.Tensor]) -> torch.Tensor:

@@ -75,11 +75,8 @@ class TextEncoder:
     """The pipeline's own ``encode_prompt`` (its text encoders and tokenizers), frozen."""
 
     def __init__(self, cfg, family: Family, device, dtype: torch.dtype):
-        from diffusers import DiffusionPipeline
-
         root = cfg.model.pretrained_model_name_or_path
-        self.pipe = DiffusionPipeline.from_pretrained(root, transformer=None, vae=None,
-                                                      torch_dtype=dtype)
+        self.pipe = family.pipeline_class().from_pretrained(root, transformer=None, vae=None, torch_dtype=dtype)
         for name, comp in self.pipe.components.items():
             if isinstance(comp, nn.Module):
                 comp.to(device).eval().requires_grad_(False)

@@ -97,6 +97,9 @@ class Trainer:
         if "pixel_values" in first and self.vae is None:
             raise ValueError(f"{cfg.model.pretrained_model_name_or_path} has no vae/ folder, needed to encode "
                              "images (or give the dataset precomputed latents)")
+        self.latent_shape = None
+        if "pixel_values" not in first and "latents" not in first:
+            self.latent_shape = self._prompts_only_latent_shape()
         self.null = self._null_embeds(load_null_embeds(cfg.data.null_text_embeds))
 
         # model, teacher, wrapping, optimizer
@@ -165,9 +168,24 @@ class Trainer:
             out.append(v.float() if v.is_floating_point() else v)
         return out
 
+    def _prompts_only_latent_shape(self):
+        """A prompts-only dataset trains image-free: the loss replaces every row's x by one-step
+        fakes (SPEC §3.1), so x only needs its shape, which one VAE encoding gives."""
+        if not self.loss_fn.config["use_image_free"]:
+            raise ValueError(f"the dataset has prompts only (no image column {self.cfg.data.image_column!r}, no "
+                             "latents): that trains only with twinflow.use_image_free: true")
+        if self.vae is None:
+            raise ValueError(f"{self.cfg.model.pretrained_model_name_or_path} has no vae/ folder, needed for the "
+                             "latent size of a prompts-only dataset")
+        r = self.cfg.data.resolution
+        with torch.no_grad():
+            lat = self.family.encode_latents(self.vae, torch.zeros(1, 3, r, r, device=self.d.device),
+                                             torch.Generator(self.d.device).manual_seed(0))
+        return tuple(lat.shape[1:])
+
     def _null_embeds(self, from_file) -> Optional[List[torch.Tensor]]:
         if self.text_encoder is not None:
-            return self._to_cond(self.text_encoder([""]))
+            return self._to_cond(self.text_encoder(list(self.family.null_texts)))
         if from_file is not None:
             return [t if t.dim() and t.shape[0] == 1 else t[None] for t in self._to_cond(from_file)]
         if float(self.loss_fn.config["enhanced_ratio"]) != 0.0:
@@ -179,6 +197,8 @@ class Trainer:
     def _batch(self, batch, step: int, shard_index: int):
         if "latents" in batch:
             x = batch["latents"].to(self.d.device).float()
+        elif self.latent_shape is not None:  # prompts only, image-free: x is replaced by fakes
+            x = torch.zeros((len(batch["text"]), *self.latent_shape), device=self.d.device)
         else:
             g = torch.Generator(self.d.device).manual_seed(shard_seed(self.cfg.training.seed, step, shard_index, 1))
             with torch.no_grad():
