@@ -41,6 +41,9 @@ VARIANTS = {
                     dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
     "er025_frozen": ("enhanced_ratio 0.25, guidance from the frozen base (ema_decay_rate 1)",
                      dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 0.25, "ema_decay_rate": 1.0})),
+    "er025_frozen_seed1": ("as er025_frozen, seed 1",
+                           dict(method="twinflow", lr=2e-4, seed=1,
+                                loss_overrides={"enhanced_ratio": 0.25, "ema_decay_rate": 1.0})),
     "er1_frozen": ("enhanced_ratio 1, guidance from the frozen base (ema_decay_rate 1)",
                    dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 1.0, "ema_decay_rate": 1.0})),
     "er05_frozen_lr5e-4": ("as er05_frozen, lr 5e-4",
@@ -50,6 +53,11 @@ VARIANTS = {
                                loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
     "rcgm_er05_frozen": ("RCGM (no self-adversarial term), otherwise as er05_frozen",
                          dict(method="rcgm", lr=2e-4, loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
+    # Two stages: the guided target for the first 200 steps (copied out of er05_frozen_seed1's
+    # run at step 200), then no guidance.
+    "two_stage": ("er05_frozen (seed 1) for 200 steps, then enhanced_ratio 0 (EMA teacher 0.99)",
+                  dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 0.0},
+                       init_from="runs/study/er05_frozen_seed1_at200")),
 }
 
 
@@ -75,8 +83,8 @@ def run(name: str, at, samples: int, final_samples: int, threads: int, runs: Pat
     for step, n in plan:
         if (step, n) in done:
             continue
-        settings = TrainSettings(init_from="flow_matching", epochs=100, max_steps=step, checkpoint_every=100000,
-                                 **fields)
+        settings = TrainSettings(**{"init_from": "flow_matching", **fields}, epochs=100, max_steps=step,
+                                 checkpoint_every=100000)
         cfg = train(settings, out, progress=False)
         t0 = time.perf_counter()
         rows = evaluate(out, steps=[1, 2], num_samples=n, progress=False)

@@ -5,7 +5,7 @@ The method itself is ``twinflow.TwinFlowLoss`` and ``twinflow.UnifiedSampler``; 
 only holds the data, the network, the loop and the metric.
 """
 
-from .checkpoint import load_model, read_config
+from .checkpoint import SHIPPED, load_model, read_config
 from .data import load_mnist
 from .evaluate import evaluate, shipped_checkpoint
 from .metrics import Classifier, frechet_distance, load_classifier
@@ -15,4 +15,4 @@ from .unet import MnistUNet
 
 __all__ = ["MnistUNet", "TrainSettings", "train", "load_mnist", "load_model", "read_config",
            "generate", "sampler_for", "save_grid", "class_grid_labels", "evaluate",
-           "shipped_checkpoint", "Classifier", "load_classifier", "frechet_distance"]
+           "shipped_checkpoint", "SHIPPED", "Classifier", "load_classifier", "frechet_distance"]

@@ -27,7 +27,9 @@ __all__ = ["save_checkpoint", "load_model", "load_weights", "read_config", "load
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.safetensors"
-SHIPPED = ("twinflow", "rcgm", "flow_matching")
+# twinflow: fine-tuned from flow_matching (the embedded default); twinflow_scratch: TwinFlow
+# trained from scratch at the base's budget (the README's comparison row).
+SHIPPED = ("twinflow", "twinflow_scratch", "rcgm", "flow_matching")
 _WEIGHTS = Path(__file__).parent / "weights"
 
 

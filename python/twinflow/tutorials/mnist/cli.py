@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ...cli import positive_int, register_command
+from .checkpoint import SHIPPED
 
 _SUBCOMMANDS = {}
 
@@ -71,13 +72,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a TwinFlowLoss setting, e.g. --loss enhanced_ratio=0 (repeatable; JSON values)")
     t.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="fine-tune: start the network and its EMA from a trained checkpoint (a directory, or a "
-                        "shipped one: flow_matching, rcgm, twinflow); the network settings must match")
+                        "shipped one: " + ", ".join(SHIPPED) + "); the network settings must match")
     t.add_argument("--no-resume", action="store_true", help="refuse to continue a checkpoint in --output-dir")
     t.add_argument("--output-dir", required=True)
     _common(t)
     s = sub.add_parser("sample", help="a PNG grid (one class per row) and a .npy of samples")
     s.add_argument("--checkpoint", default="twinflow",
-                   help="checkpoint directory, or a shipped one: twinflow, rcgm, flow_matching")
+                   help="checkpoint directory, or a shipped one: " + ", ".join(SHIPPED))
     s.add_argument("--steps", type=positive_int, default=1)
     s.add_argument("--sampler", default="auto", choices=("auto", "euler", "twinflow"))
     s.add_argument("--num-samples", type=positive_int, default=100)
@@ -85,7 +86,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--output-dir", default="out/mnist")
     _common(s)
     e = sub.add_parser("evaluate", help="classifier-FID, accuracy and class coverage at several step counts")
-    e.add_argument("--checkpoint", default="twinflow")
+    e.add_argument("--checkpoint", default="twinflow", help="checkpoint directory, or a shipped one: " + ", ".join(SHIPPED))
     e.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 4])
     e.add_argument("--sampler", default="auto", choices=("auto", "euler", "twinflow"))
     e.add_argument("--num-samples", type=positive_int, default=10000)
