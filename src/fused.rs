@@ -3,6 +3,9 @@
 //! Each kernel reads its inputs once and writes its outputs once, which on CPU runs at
 //! memory speed instead of the 5–8 passes (and fresh temporaries) of a sequence of torch ops.
 //! Parallelism comes from `pool.rs`.
+//! Every kernel also reports whether all of its outputs are finite, from the values it has
+//! in registers anyway: an AND-reduction of `is_finite` that vectorises with the loop, so a
+//! NaN from the model is caught without a second pass (see `bench/sampler_step.py`).
 //! The arithmetic is done in the element type with f64 coefficients rounded once, in the
 //! same order as the ops path in `step.rs`, so the two paths agree to rounding.
 //!
@@ -11,6 +14,7 @@
 //! element `j` of the inputs, so in-place use is well defined.
 
 use std::ops::{Add, Mul, Sub};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::pool::for_chunks;
 
@@ -19,11 +23,16 @@ pub trait Real:
     Copy + Send + Sync + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + 'static
 {
     fn from_f64(v: f64) -> Self;
+    fn finite(self) -> bool;
 }
 impl Real for f32 {
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
+    }
+    #[inline(always)]
+    fn finite(self) -> bool {
+        self.is_finite()
     }
 }
 impl Real for f64 {
@@ -31,6 +40,21 @@ impl Real for f64 {
     fn from_f64(v: f64) -> Self {
         v
     }
+    #[inline(always)]
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+
+/// `for_chunks` whose body returns "all finite" for its range; true when every range was.
+fn for_chunks_finite<F: Fn(usize, usize) -> bool + Sync>(len: usize, body: F) -> bool {
+    let ok = AtomicBool::new(true);
+    for_chunks(len, |lo, hi| {
+        if !body(lo, hi) {
+            ok.store(false, Ordering::Relaxed);
+        }
+    });
+    ok.into_inner()
 }
 
 #[derive(Clone, Copy)]
@@ -56,7 +80,8 @@ impl<T: Copy> Out<T> {
     }
 }
 
-/// `out = x + f·alpha`, and optionally `xh = x + f·beta` in the same pass.
+/// `out = x + f·alpha`, and optionally `xh = x + f·beta` in the same pass. Returns whether
+/// every `out` value is finite.
 ///
 /// Euler step: alpha = −(t_c − t_n); data estimate x̂: beta = −t_c.
 ///
@@ -70,22 +95,30 @@ pub unsafe fn axpy<T: Real>(
     alpha: f64,
     out: Out<T>,
     xh: Option<(Out<T>, f64)>,
-) {
+) -> bool {
     let a = T::from_f64(alpha);
     match xh {
-        None => for_chunks(len, move |lo, hi| {
+        None => for_chunks_finite(len, move |lo, hi| {
+            let mut ok = true;
             for j in lo..hi {
-                out.set(j, x.at(j) + f.at(j) * a);
+                let y = x.at(j) + f.at(j) * a;
+                ok &= y.finite();
+                out.set(j, y);
             }
+            ok
         }),
         Some((xh, beta)) => {
             let b = T::from_f64(beta);
-            for_chunks(len, move |lo, hi| {
+            for_chunks_finite(len, move |lo, hi| {
+                let mut ok = true;
                 for j in lo..hi {
                     let (xv, fv) = (x.at(j), f.at(j));
                     xh.set(j, xv + fv * b);
-                    out.set(j, xv + fv * a);
+                    let y = xv + fv * a;
+                    ok &= y.finite();
+                    out.set(j, y);
                 }
+                ok
             })
         }
     }
@@ -123,10 +156,11 @@ pub struct MixIo<T> {
 }
 
 /// The general update in one pass: estimates, optional extrapolation, optional noise.
+/// Returns whether every `out` value is finite.
 ///
 /// # Safety
 /// As for [`axpy`].
-pub unsafe fn mix<T: Real>(len: usize, x: In<T>, f: In<T>, m: Mix, io: MixIo<T>, out: Out<T>) {
+pub unsafe fn mix<T: Real>(len: usize, x: In<T>, f: In<T>, m: Mix, io: MixIo<T>, out: Out<T>) -> bool {
     // Monomorphise on which buffers are present so the inner loop has no branches.
     match (io.eps.is_some(), io.extrapolate.is_some()) {
         (false, false) => mix_impl::<T, false, false>(len, x, f, m, io, out),
@@ -144,7 +178,7 @@ unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool>(
     m: Mix,
     io: MixIo<T>,
     out: Out<T>,
-) {
+) -> bool {
     let c = T::from_f64;
     let (neg_t, one_minus_t) = (c(-m.t_cur), c(1.0 - m.t_cur));
     let (wa, wb, wc) = m.weights();
@@ -155,7 +189,8 @@ unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool>(
         .map(|(r, xp, zp)| (c(r), xp, zp))
         .unwrap_or((c(0.0), In(std::ptr::null()), In(std::ptr::null())));
     let (xo, zo) = (io.xh_out, io.zh_out);
-    for_chunks(len, move |lo, hi| {
+    for_chunks_finite(len, move |lo, hi| {
+        let mut ok = true;
         for j in lo..hi {
             let (xv, fv) = (x.at(j), f.at(j));
             let mut xh = xv + fv * neg_t;
@@ -174,22 +209,29 @@ unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool>(
             if EPS {
                 y = y + eps.at(j) * wc;
             }
+            ok &= y.finite();
             out.set(j, y);
         }
-    });
+        ok
+    })
 }
 
-/// Heun corrector: `out = x + (f_cur + f_next)·(−h)`, h = ½(t_c − t_n).
+/// Heun corrector: `out = x + (f_cur + f_next)·(−h)`, h = ½(t_c − t_n). Returns whether
+/// every `out` value is finite.
 ///
 /// # Safety
 /// As for [`axpy`].
-pub unsafe fn heun<T: Real>(len: usize, x: In<T>, f_cur: In<T>, f_next: In<T>, h: f64, out: Out<T>) {
+pub unsafe fn heun<T: Real>(len: usize, x: In<T>, f_cur: In<T>, f_next: In<T>, h: f64, out: Out<T>) -> bool {
     let nh = T::from_f64(-h);
-    for_chunks(len, move |lo, hi| {
+    for_chunks_finite(len, move |lo, hi| {
+        let mut ok = true;
         for j in lo..hi {
-            out.set(j, x.at(j) + (f_cur.at(j) + f_next.at(j)) * nh);
+            let y = x.at(j) + (f_cur.at(j) + f_next.at(j)) * nh;
+            ok &= y.finite();
+            out.set(j, y);
         }
-    });
+        ok
+    })
 }
 
 #[cfg(test)]
@@ -242,6 +284,27 @@ mod tests {
             let ze = zh + 0.5 * (zh - zp[j]);
             let want = 0.7 * xe + 0.3 * (0.4f64.sqrt() * ze + 0.6f64.sqrt() * e[j]);
             assert!((out[j] - want).abs() < 1e-13, "{j}: {} vs {want}", out[j]);
+        }
+    }
+
+    #[test]
+    fn finite_flag_reports_a_single_nan_or_inf_in_any_chunk() {
+        let n = 3 * 32768 + 17;
+        let f = data(n, 2);
+        for (pos, bad) in [(5, f64::NAN), (n - 1, f64::INFINITY), (40000, f64::NEG_INFINITY)] {
+            let mut x = data(n, 1);
+            let mut out = vec![0.0; n];
+            let ok = unsafe { axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), None) };
+            assert!(ok);
+            x[pos] = bad;
+            let ok = unsafe { axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), None) };
+            assert!(!ok, "{pos}");
+            let ok = unsafe { heun(n, In(x.as_ptr()), In(f.as_ptr()), In(f.as_ptr()), 0.1, Out(out.as_mut_ptr())) };
+            assert!(!ok, "{pos}");
+            let m = Mix { t_cur: 0.8, t_next: 0.3, s: 0.0 };
+            let io = MixIo { eps: None, extrapolate: None, xh_out: None, zh_out: None };
+            let ok = unsafe { mix(n, In(x.as_ptr()), In(f.as_ptr()), m, io, Out(out.as_mut_ptr())) };
+            assert!(!ok, "{pos}");
         }
     }
 
