@@ -16,7 +16,6 @@ published preset of its own ``num_inference_steps`` (``twinflow.scheduler.preset
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 import warnings
@@ -27,6 +26,7 @@ import torch
 
 import diffusers_patch
 
+from . import _files, _pipeline_checks
 from .scheduler import TwinFlowPresetScheduler, TwinFlowScheduler
 
 __all__ = ["MODELS", "ModelSpec", "load_pipeline", "check_pipeline_folder", "read_aux_weights", "load_aux_weights",
@@ -82,20 +82,13 @@ def resolve_device(device) -> Optional[torch.device]:
 
 
 def _read_json(path: pathlib.Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+    return _files.read_json(path)
 
 
 def _check_safetensors(path: pathlib.Path) -> None:
     from safetensors import safe_open
 
+    _files.regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
@@ -111,10 +104,11 @@ def transformer_weight_files(transformer_dir: pathlib.Path) -> Dict[str, pathlib
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no weight_map")
-        files = {k: transformer_dir / v for k, v in weight_map.items()}
+        files = {k: _files.inside(transformer_dir, v, index.name) for k, v in weight_map.items()}
         for f in set(files.values()):
-            if not f.is_file():
+            if not f.exists():
                 raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing")
+            _files.regular_file(f)
         return files
     single = transformer_dir / WEIGHTS_NAME
     if not single.is_file():
@@ -141,9 +135,13 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str) -> pathlib.
     if "transformer" not in components:
         raise ValueError(f"{index}: lists no transformer")
     for name in components:
-        sub = root / name
+        sub = _files.inside(root, name, "model_index.json")
         if not sub.is_dir():
             raise FileNotFoundError(f"{sub}: missing (listed in model_index.json)")
+        for f in sorted(sub.rglob("*")):  # nothing outside the folder; no FIFO that would block a reader
+            _files.inside(root, f.relative_to(root))
+            if not f.is_dir():
+                _files.regular_file(f)
         for f in sorted(sub.glob("*.json")):
             _read_json(f)
         for f in sorted(sub.glob("*.safetensors")):
@@ -156,6 +154,9 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str) -> pathlib.
     if found != want:
         raise ValueError(f"{config}: the transformer is a {found}, but model={model!r} needs a {want}")
     transformer_weight_files(tdir)
+    import diffusers
+
+    _pipeline_checks.check_components(root, components, getattr(diffusers, MODELS[model].pipeline))
     return root
 
 
