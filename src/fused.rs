@@ -81,7 +81,7 @@ impl<T: Copy> Out<T> {
 }
 
 /// `out = x + f·alpha`, and optionally `xh = x + f·beta` in the same pass. Returns whether
-/// every `out` value is finite.
+/// every `out` value is finite (always true unless `check`).
 ///
 /// Euler step: alpha = −(t_c − t_n); data estimate x̂: beta = −t_c.
 ///
@@ -95,6 +95,23 @@ pub unsafe fn axpy<T: Real>(
     alpha: f64,
     out: Out<T>,
     xh: Option<(Out<T>, f64)>,
+    check: bool,
+) -> bool {
+    if check {
+        axpy_impl::<T, true>(len, x, f, alpha, out, xh)
+    } else {
+        axpy_impl::<T, false>(len, x, f, alpha, out, xh)
+    }
+}
+
+#[inline(always)]
+unsafe fn axpy_impl<T: Real, const CHECK: bool>(
+    len: usize,
+    x: In<T>,
+    f: In<T>,
+    alpha: f64,
+    out: Out<T>,
+    xh: Option<(Out<T>, f64)>,
 ) -> bool {
     let a = T::from_f64(alpha);
     match xh {
@@ -102,7 +119,9 @@ pub unsafe fn axpy<T: Real>(
             let mut ok = true;
             for j in lo..hi {
                 let y = x.at(j) + f.at(j) * a;
-                ok &= y.finite();
+                if CHECK {
+                    ok &= y.finite();
+                }
                 out.set(j, y);
             }
             ok
@@ -115,7 +134,9 @@ pub unsafe fn axpy<T: Real>(
                     let (xv, fv) = (x.at(j), f.at(j));
                     xh.set(j, xv + fv * b);
                     let y = xv + fv * a;
-                    ok &= y.finite();
+                    if CHECK {
+                        ok &= y.finite();
+                    }
                     out.set(j, y);
                 }
                 ok
@@ -156,22 +177,26 @@ pub struct MixIo<T> {
 }
 
 /// The general update in one pass: estimates, optional extrapolation, optional noise.
-/// Returns whether every `out` value is finite.
+/// Returns whether every `out` value is finite (always true unless `check`).
 ///
 /// # Safety
 /// As for [`axpy`].
-pub unsafe fn mix<T: Real>(len: usize, x: In<T>, f: In<T>, m: Mix, io: MixIo<T>, out: Out<T>) -> bool {
+pub unsafe fn mix<T: Real>(len: usize, x: In<T>, f: In<T>, m: Mix, io: MixIo<T>, out: Out<T>, check: bool) -> bool {
     // Monomorphise on which buffers are present so the inner loop has no branches.
-    match (io.eps.is_some(), io.extrapolate.is_some()) {
-        (false, false) => mix_impl::<T, false, false>(len, x, f, m, io, out),
-        (true, false) => mix_impl::<T, true, false>(len, x, f, m, io, out),
-        (false, true) => mix_impl::<T, false, true>(len, x, f, m, io, out),
-        (true, true) => mix_impl::<T, true, true>(len, x, f, m, io, out),
+    match (io.eps.is_some(), io.extrapolate.is_some(), check) {
+        (false, false, false) => mix_impl::<T, false, false, false>(len, x, f, m, io, out),
+        (true, false, false) => mix_impl::<T, true, false, false>(len, x, f, m, io, out),
+        (false, true, false) => mix_impl::<T, false, true, false>(len, x, f, m, io, out),
+        (true, true, false) => mix_impl::<T, true, true, false>(len, x, f, m, io, out),
+        (false, false, true) => mix_impl::<T, false, false, true>(len, x, f, m, io, out),
+        (true, false, true) => mix_impl::<T, true, false, true>(len, x, f, m, io, out),
+        (false, true, true) => mix_impl::<T, false, true, true>(len, x, f, m, io, out),
+        (true, true, true) => mix_impl::<T, true, true, true>(len, x, f, m, io, out),
     }
 }
 
 #[inline(always)]
-unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool>(
+unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool, const CHECK: bool>(
     len: usize,
     x: In<T>,
     f: In<T>,
@@ -209,7 +234,9 @@ unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool>(
             if EPS {
                 y = y + eps.at(j) * wc;
             }
-            ok &= y.finite();
+            if CHECK {
+                ok &= y.finite();
+            }
             out.set(j, y);
         }
         ok
@@ -217,17 +244,28 @@ unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool>(
 }
 
 /// Heun corrector: `out = x + (f_cur + f_next)·(−h)`, h = ½(t_c − t_n). Returns whether
-/// every `out` value is finite.
+/// every `out` value is finite (always true unless `check`).
 ///
 /// # Safety
 /// As for [`axpy`].
-pub unsafe fn heun<T: Real>(len: usize, x: In<T>, f_cur: In<T>, f_next: In<T>, h: f64, out: Out<T>) -> bool {
+pub unsafe fn heun<T: Real>(len: usize, x: In<T>, f_cur: In<T>, f_next: In<T>, h: f64, out: Out<T>, check: bool) -> bool {
+    if check {
+        heun_impl::<T, true>(len, x, f_cur, f_next, h, out)
+    } else {
+        heun_impl::<T, false>(len, x, f_cur, f_next, h, out)
+    }
+}
+
+#[inline(always)]
+unsafe fn heun_impl<T: Real, const CHECK: bool>(len: usize, x: In<T>, f_cur: In<T>, f_next: In<T>, h: f64, out: Out<T>) -> bool {
     let nh = T::from_f64(-h);
     for_chunks_finite(len, move |lo, hi| {
         let mut ok = true;
         for j in lo..hi {
             let y = x.at(j) + (f_cur.at(j) + f_next.at(j)) * nh;
-            ok &= y.finite();
+            if CHECK {
+                ok &= y.finite();
+            }
             out.set(j, y);
         }
         ok
@@ -255,7 +293,7 @@ mod tests {
         let (x, f) = (data(n, 1), data(n, 2));
         let (mut out, mut xh) = (vec![0.0; n], vec![0.0; n]);
         unsafe {
-            axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), Some((Out(xh.as_mut_ptr()), -0.75)));
+            axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), Some((Out(xh.as_mut_ptr()), -0.75)), true);
         }
         for j in 0..n {
             assert_eq!(out[j], x[j] + f[j] * -0.25);
@@ -275,7 +313,7 @@ mod tests {
             xh_out: Some(Out(xo.as_mut_ptr())),
             zh_out: Some(Out(zo.as_mut_ptr())),
         };
-        unsafe { mix(n, In(x.as_ptr()), In(f.as_ptr()), m, io, Out(out.as_mut_ptr())) };
+        unsafe { mix(n, In(x.as_ptr()), In(f.as_ptr()), m, io, Out(out.as_mut_ptr()), true) };
         for j in 0..n {
             let xh = x[j] - 0.8 * f[j];
             let zh = x[j] + 0.2 * f[j];
@@ -294,16 +332,16 @@ mod tests {
         for (pos, bad) in [(5, f64::NAN), (n - 1, f64::INFINITY), (40000, f64::NEG_INFINITY)] {
             let mut x = data(n, 1);
             let mut out = vec![0.0; n];
-            let ok = unsafe { axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), None) };
+            let ok = unsafe { axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), None, true) };
             assert!(ok);
             x[pos] = bad;
-            let ok = unsafe { axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), None) };
+            let ok = unsafe { axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), None, true) };
             assert!(!ok, "{pos}");
-            let ok = unsafe { heun(n, In(x.as_ptr()), In(f.as_ptr()), In(f.as_ptr()), 0.1, Out(out.as_mut_ptr())) };
+            let ok = unsafe { heun(n, In(x.as_ptr()), In(f.as_ptr()), In(f.as_ptr()), 0.1, Out(out.as_mut_ptr()), true) };
             assert!(!ok, "{pos}");
             let m = Mix { t_cur: 0.8, t_next: 0.3, s: 0.0 };
             let io = MixIo { eps: None, extrapolate: None, xh_out: None, zh_out: None };
-            let ok = unsafe { mix(n, In(x.as_ptr()), In(f.as_ptr()), m, io, Out(out.as_mut_ptr())) };
+            let ok = unsafe { mix(n, In(x.as_ptr()), In(f.as_ptr()), m, io, Out(out.as_mut_ptr()), true) };
             assert!(!ok, "{pos}");
         }
     }
@@ -315,7 +353,7 @@ mod tests {
         let f: Vec<f32> = data(n, 8).into_iter().map(|v| v as f32).collect();
         let mut y = x.clone();
         let p = y.as_mut_ptr();
-        unsafe { heun(n, In(p as *const f32), In(f.as_ptr()), In(f.as_ptr()), 0.1, Out(p)) };
+        unsafe { heun(n, In(p as *const f32), In(f.as_ptr()), In(f.as_ptr()), 0.1, Out(p), true) };
         for j in 0..n {
             assert_eq!(y[j], x[j] + (f[j] + f[j]) * -0.1f32);
         }

@@ -84,14 +84,14 @@ pub fn axpy(
             Some(o) => o.shallow_clone(),
             None => empty_like(x)?,
         };
-        fn run<T: Real>(x: &Tensor, f: &Tensor, a: f64, xh: Option<(&Tensor, f64)>, y: &Tensor) -> bool {
+        fn run<T: Real>(x: &Tensor, f: &Tensor, a: f64, xh: Option<(&Tensor, f64)>, y: &Tensor, c: bool) -> bool {
             let xh = xh.map(|(t, b)| (ptr_out::<T>(t), b));
             // SAFETY: same numel, dense CPU memory, checked by fusable_kind.
-            unsafe { fused::axpy::<T>(x.numel(), ptr_in(x), ptr_in(f), a, ptr_out(y), xh) }
+            unsafe { fused::axpy::<T>(x.numel(), ptr_in(x), ptr_in(f), a, ptr_out(y), xh, c) }
         }
         let ok = match kind {
-            Kind::Float => run::<f32>(x, f, alpha, xh, &y),
-            _ => run::<f64>(x, f, alpha, xh, &y),
+            Kind::Float => run::<f32>(x, f, alpha, xh, &y, check),
+            _ => run::<f64>(x, f, alpha, xh, &y, check),
         };
         return checked(y, check, |_| Ok(ok));
     }
@@ -135,7 +135,7 @@ pub fn mix(x: &Tensor, f: &Tensor, m: Mix, b: MixBuffers, allow_fused: bool, che
             Some(o) => o.shallow_clone(),
             None => empty_like(x)?,
         };
-        fn run<T: Real>(x: &Tensor, f: &Tensor, m: Mix, b: &MixBuffers, y: &Tensor) -> bool {
+        fn run<T: Real>(x: &Tensor, f: &Tensor, m: Mix, b: &MixBuffers, y: &Tensor, c: bool) -> bool {
             let io = MixIo::<T> {
                 eps: b.eps.map(ptr_in),
                 extrapolate: b.extrapolate.map(|(r, xp, zp)| (r, ptr_in(xp), ptr_in(zp))),
@@ -143,11 +143,11 @@ pub fn mix(x: &Tensor, f: &Tensor, m: Mix, b: MixBuffers, allow_fused: bool, che
                 zh_out: b.zh_out.map(ptr_out),
             };
             // SAFETY: same numel, dense CPU memory, checked by fusable_kind.
-            unsafe { fused::mix::<T>(x.numel(), ptr_in(x), ptr_in(f), m, io, ptr_out(y)) }
+            unsafe { fused::mix::<T>(x.numel(), ptr_in(x), ptr_in(f), m, io, ptr_out(y), c) }
         }
         let ok = match kind {
-            Kind::Float => run::<f32>(x, f, m, &b, &y),
-            _ => run::<f64>(x, f, m, &b, &y),
+            Kind::Float => run::<f32>(x, f, m, &b, &y, check),
+            _ => run::<f64>(x, f, m, &b, &y, check),
         };
         return checked(y, check, |_| Ok(ok));
     }
@@ -192,13 +192,13 @@ pub fn heun(
     let h = 0.5 * (t_cur - t_next);
     if let (true, Some(kind)) = (allow_fused, fusable_kind(&[x, f_cur, f_next])) {
         let y = empty_like(x)?;
-        fn run<T: Real>(x: &Tensor, a: &Tensor, b: &Tensor, h: f64, y: &Tensor) -> bool {
+        fn run<T: Real>(x: &Tensor, a: &Tensor, b: &Tensor, h: f64, y: &Tensor, c: bool) -> bool {
             // SAFETY: same numel, dense CPU memory, checked by fusable_kind.
-            unsafe { fused::heun::<T>(x.numel(), ptr_in(x), ptr_in(a), ptr_in(b), h, ptr_out(y)) }
+            unsafe { fused::heun::<T>(x.numel(), ptr_in(x), ptr_in(a), ptr_in(b), h, ptr_out(y), c) }
         }
         let ok = match kind {
-            Kind::Float => run::<f32>(x, f_cur, f_next, h, &y),
-            _ => run::<f64>(x, f_cur, f_next, h, &y),
+            Kind::Float => run::<f32>(x, f_cur, f_next, h, &y, check),
+            _ => run::<f64>(x, f_cur, f_next, h, &y, check),
         };
         return checked(y, check, |_| Ok(ok));
     }
