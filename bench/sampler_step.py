@@ -12,7 +12,10 @@ round-robin so that drift hits every method alike, with warm-up, the median
 over --repeats samples (each the mean of --number back-to-back calls):
 
   ours-fresh   twinflow.ucgm_step(x, v, t_c, t_n, s, noise)       (allocates its result)
-  ours-out     the same with a preallocated out=
+  ours-out     the same with a preallocated out= (check_finite=True, the default: the
+               kernel also reports whether every output is finite, in the same pass)
+  ours-out unchecked   the same with check_finite=False: the kernel without the
+               finite flag, so "ours-out" minus this row is the cost of the check
   ours-out [rayon pool]   the same kernel run on a separate rayon pool instead of
                torch's OpenMP pool (the default; see src/pool.rs)
   (a)          diffusers FlowMatchEulerDiscreteScheduler.step(v, t, x, return_dict=False)
@@ -233,6 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if ucgm_step is not None:
                 fns["ours-fresh"] = lambda: ucgm_step(x, v, t_c, t_n, s, eps)
                 fns["ours-out"] = lambda: ucgm_step(x, v, t_c, t_n, s, eps, out=out)
+                fns["ours-out unchecked"] = lambda: ucgm_step(x, v, t_c, t_n, s, eps, out=out, check_finite=False)
 
                 def ours_rayon():
                     # The same kernel on a separate rayon pool instead of torch's OpenMP pool.
@@ -244,6 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
                 fns["ours-out [rayon pool]"] = ours_rayon
                 arrays["ours-fresh"] = arrays["ours-out"] = arrays["ours-out [rayon pool]"] = moved
+                arrays["ours-out unchecked"] = moved
                 _check(f"{shape_s} s={s} ours-fresh", ucgm_step(x, v, t_c, t_n, s, eps), ref, problems)
                 out.fill_(float("nan"))
                 got = ucgm_step(x, v, t_c, t_n, s, eps, out=out)

@@ -114,6 +114,11 @@ impl Default for SamplerConfig {
     }
 }
 
+/// Upper bounds (documented in the README's "Safety" section): far above any useful
+/// setting, low enough that a typo cannot allocate gigabytes or overflow the result.
+pub const MAX_SAMPLING_STEPS: usize = 10_000;
+pub const MAX_EXTRAPOL_RATIO: f64 = 10.0;
+
 /// Names accepted by [`SamplerConfig::preset`].
 pub const PRESET_NAMES: [&str; 5] = ["1-nfe", "2-nfe", "4-nfe", "any-step", "multi-step"];
 
@@ -151,8 +156,11 @@ impl SamplerConfig {
     /// Every rule of SPEC §2; the error names the offending field.
     pub fn validate(&self) -> Result<()> {
         let finite = check_finite;
-        if self.sampling_steps < 1 {
-            return Err(Error::config("sampling_steps", "must be >= 1, got 0"));
+        if self.sampling_steps < 1 || self.sampling_steps > MAX_SAMPLING_STEPS {
+            return Err(Error::config(
+                "sampling_steps",
+                format!("must be in [1, {MAX_SAMPLING_STEPS}], got {}", self.sampling_steps),
+            ));
         }
         if let StochastRatio::Fixed(s) = self.stochast_ratio {
             finite("stochast_ratio", &[s])?;
@@ -164,10 +172,10 @@ impl SamplerConfig {
             }
         }
         finite("extrapol_ratio", &[self.extrapol_ratio])?;
-        if self.extrapol_ratio < 0.0 {
+        if !(0.0..=MAX_EXTRAPOL_RATIO).contains(&self.extrapol_ratio) {
             return Err(Error::config(
                 "extrapol_ratio",
-                format!("must be >= 0, got {}", self.extrapol_ratio),
+                format!("must be in [0, {MAX_EXTRAPOL_RATIO}], got {}", self.extrapol_ratio),
             ));
         }
         if !matches!(self.sampling_order, 1 | 2) {
@@ -254,7 +262,8 @@ mod tests {
             let c = SamplerConfig { stochast_ratio: StochastRatio::Fixed(s), ..d() };
             assert_eq!(field_of(c), "stochast_ratio");
         }
-        for r in [-1.0, f64::INFINITY] {
+        assert_eq!(field_of(SamplerConfig { sampling_steps: MAX_SAMPLING_STEPS + 1, ..d() }), "sampling_steps");
+        for r in [-1.0, f64::INFINITY, 1e300] {
             assert_eq!(field_of(SamplerConfig { extrapol_ratio: r, ..d() }), "extrapol_ratio");
         }
         assert_eq!(field_of(SamplerConfig { sampling_order: 3, ..d() }), "sampling_order");

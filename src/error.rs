@@ -13,6 +13,10 @@ pub enum Error {
     /// A well-typed value that is out of range or of the wrong shape: maps to `ValueError`.
     #[error("{0}")]
     Value(String),
+    /// NaN or Inf where a finite value is needed (model output, a step's result): maps to
+    /// `FloatingPointError`; the message names the step and the culprit.
+    #[error("{0}")]
+    NonFinite(String),
     /// A user callback (model, noise source) failed; the caller keeps the original error.
     #[error("callback failed: {0}")]
     Callback(String),
@@ -28,6 +32,21 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// A device as torch writes it ("cpu", "cuda:0", "mps"), for messages.
+pub fn device_name(d: tch::Device) -> String {
+    match d {
+        tch::Device::Cpu => "cpu".into(),
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        tch::Device::Mps => "mps".into(),
+        tch::Device::Vulkan => "vulkan".into(),
+    }
+}
+
+/// Whether every element of `t` is finite (one libtorch reduction).
+pub fn all_finite(t: &tch::Tensor) -> Result<bool> {
+    Ok(t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0)
+}
 
 /// A config error naming `field` unless every value is finite.
 pub(crate) fn check_finite(field: &'static str, v: &[f64]) -> Result<()> {

@@ -3,6 +3,9 @@
 //! Each kernel reads its inputs once and writes its outputs once, which on CPU runs at
 //! memory speed instead of the 5–8 passes (and fresh temporaries) of a sequence of torch ops.
 //! Parallelism comes from `pool.rs`.
+//! Every kernel also reports whether all of its outputs are finite, from the values it has
+//! in registers anyway: an AND-reduction of `is_finite` that vectorises with the loop, so a
+//! NaN from the model is caught without a second pass (see `bench/sampler_step.py`).
 //! The arithmetic is done in the element type with f64 coefficients rounded once, in the
 //! same order as the ops path in `step.rs`, so the two paths agree to rounding.
 //!
@@ -11,6 +14,7 @@
 //! element `j` of the inputs, so in-place use is well defined.
 
 use std::ops::{Add, Mul, Sub};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::pool::for_chunks;
 
@@ -19,11 +23,16 @@ pub trait Real:
     Copy + Send + Sync + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + 'static
 {
     fn from_f64(v: f64) -> Self;
+    fn finite(self) -> bool;
 }
 impl Real for f32 {
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
+    }
+    #[inline(always)]
+    fn finite(self) -> bool {
+        self.is_finite()
     }
 }
 impl Real for f64 {
@@ -31,6 +40,21 @@ impl Real for f64 {
     fn from_f64(v: f64) -> Self {
         v
     }
+    #[inline(always)]
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+
+/// `for_chunks` whose body returns "all finite" for its range; true when every range was.
+fn for_chunks_finite<F: Fn(usize, usize) -> bool + Sync>(len: usize, body: F) -> bool {
+    let ok = AtomicBool::new(true);
+    for_chunks(len, |lo, hi| {
+        if !body(lo, hi) {
+            ok.store(false, Ordering::Relaxed);
+        }
+    });
+    ok.into_inner()
 }
 
 #[derive(Clone, Copy)]
@@ -56,7 +80,8 @@ impl<T: Copy> Out<T> {
     }
 }
 
-/// `out = x + f·alpha`, and optionally `xh = x + f·beta` in the same pass.
+/// `out = x + f·alpha`, and optionally `xh = x + f·beta` in the same pass. Returns whether
+/// every `out` value is finite (always true unless `check`).
 ///
 /// Euler step: alpha = −(t_c − t_n); data estimate x̂: beta = −t_c.
 ///
@@ -70,22 +95,51 @@ pub unsafe fn axpy<T: Real>(
     alpha: f64,
     out: Out<T>,
     xh: Option<(Out<T>, f64)>,
-) {
+    check: bool,
+) -> bool {
+    if check {
+        axpy_impl::<T, true>(len, x, f, alpha, out, xh)
+    } else {
+        axpy_impl::<T, false>(len, x, f, alpha, out, xh)
+    }
+}
+
+#[inline(always)]
+unsafe fn axpy_impl<T: Real, const CHECK: bool>(
+    len: usize,
+    x: In<T>,
+    f: In<T>,
+    alpha: f64,
+    out: Out<T>,
+    xh: Option<(Out<T>, f64)>,
+) -> bool {
     let a = T::from_f64(alpha);
     match xh {
-        None => for_chunks(len, move |lo, hi| {
+        None => for_chunks_finite(len, move |lo, hi| {
+            let mut ok = true;
             for j in lo..hi {
-                out.set(j, x.at(j) + f.at(j) * a);
+                let y = x.at(j) + f.at(j) * a;
+                if CHECK {
+                    ok &= y.finite();
+                }
+                out.set(j, y);
             }
+            ok
         }),
         Some((xh, beta)) => {
             let b = T::from_f64(beta);
-            for_chunks(len, move |lo, hi| {
+            for_chunks_finite(len, move |lo, hi| {
+                let mut ok = true;
                 for j in lo..hi {
                     let (xv, fv) = (x.at(j), f.at(j));
                     xh.set(j, xv + fv * b);
-                    out.set(j, xv + fv * a);
+                    let y = xv + fv * a;
+                    if CHECK {
+                        ok &= y.finite();
+                    }
+                    out.set(j, y);
                 }
+                ok
             })
         }
     }
@@ -123,28 +177,33 @@ pub struct MixIo<T> {
 }
 
 /// The general update in one pass: estimates, optional extrapolation, optional noise.
+/// Returns whether every `out` value is finite (always true unless `check`).
 ///
 /// # Safety
 /// As for [`axpy`].
-pub unsafe fn mix<T: Real>(len: usize, x: In<T>, f: In<T>, m: Mix, io: MixIo<T>, out: Out<T>) {
+pub unsafe fn mix<T: Real>(len: usize, x: In<T>, f: In<T>, m: Mix, io: MixIo<T>, out: Out<T>, check: bool) -> bool {
     // Monomorphise on which buffers are present so the inner loop has no branches.
-    match (io.eps.is_some(), io.extrapolate.is_some()) {
-        (false, false) => mix_impl::<T, false, false>(len, x, f, m, io, out),
-        (true, false) => mix_impl::<T, true, false>(len, x, f, m, io, out),
-        (false, true) => mix_impl::<T, false, true>(len, x, f, m, io, out),
-        (true, true) => mix_impl::<T, true, true>(len, x, f, m, io, out),
+    match (io.eps.is_some(), io.extrapolate.is_some(), check) {
+        (false, false, false) => mix_impl::<T, false, false, false>(len, x, f, m, io, out),
+        (true, false, false) => mix_impl::<T, true, false, false>(len, x, f, m, io, out),
+        (false, true, false) => mix_impl::<T, false, true, false>(len, x, f, m, io, out),
+        (true, true, false) => mix_impl::<T, true, true, false>(len, x, f, m, io, out),
+        (false, false, true) => mix_impl::<T, false, false, true>(len, x, f, m, io, out),
+        (true, false, true) => mix_impl::<T, true, false, true>(len, x, f, m, io, out),
+        (false, true, true) => mix_impl::<T, false, true, true>(len, x, f, m, io, out),
+        (true, true, true) => mix_impl::<T, true, true, true>(len, x, f, m, io, out),
     }
 }
 
 #[inline(always)]
-unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool>(
+unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool, const CHECK: bool>(
     len: usize,
     x: In<T>,
     f: In<T>,
     m: Mix,
     io: MixIo<T>,
     out: Out<T>,
-) {
+) -> bool {
     let c = T::from_f64;
     let (neg_t, one_minus_t) = (c(-m.t_cur), c(1.0 - m.t_cur));
     let (wa, wb, wc) = m.weights();
@@ -155,7 +214,8 @@ unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool>(
         .map(|(r, xp, zp)| (c(r), xp, zp))
         .unwrap_or((c(0.0), In(std::ptr::null()), In(std::ptr::null())));
     let (xo, zo) = (io.xh_out, io.zh_out);
-    for_chunks(len, move |lo, hi| {
+    for_chunks_finite(len, move |lo, hi| {
+        let mut ok = true;
         for j in lo..hi {
             let (xv, fv) = (x.at(j), f.at(j));
             let mut xh = xv + fv * neg_t;
@@ -174,22 +234,42 @@ unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool>(
             if EPS {
                 y = y + eps.at(j) * wc;
             }
+            if CHECK {
+                ok &= y.finite();
+            }
             out.set(j, y);
         }
-    });
+        ok
+    })
 }
 
-/// Heun corrector: `out = x + (f_cur + f_next)·(−h)`, h = ½(t_c − t_n).
+/// Heun corrector: `out = x + (f_cur + f_next)·(−h)`, h = ½(t_c − t_n). Returns whether
+/// every `out` value is finite (always true unless `check`).
 ///
 /// # Safety
 /// As for [`axpy`].
-pub unsafe fn heun<T: Real>(len: usize, x: In<T>, f_cur: In<T>, f_next: In<T>, h: f64, out: Out<T>) {
+pub unsafe fn heun<T: Real>(len: usize, x: In<T>, f_cur: In<T>, f_next: In<T>, h: f64, out: Out<T>, check: bool) -> bool {
+    if check {
+        heun_impl::<T, true>(len, x, f_cur, f_next, h, out)
+    } else {
+        heun_impl::<T, false>(len, x, f_cur, f_next, h, out)
+    }
+}
+
+#[inline(always)]
+unsafe fn heun_impl<T: Real, const CHECK: bool>(len: usize, x: In<T>, f_cur: In<T>, f_next: In<T>, h: f64, out: Out<T>) -> bool {
     let nh = T::from_f64(-h);
-    for_chunks(len, move |lo, hi| {
+    for_chunks_finite(len, move |lo, hi| {
+        let mut ok = true;
         for j in lo..hi {
-            out.set(j, x.at(j) + (f_cur.at(j) + f_next.at(j)) * nh);
+            let y = x.at(j) + (f_cur.at(j) + f_next.at(j)) * nh;
+            if CHECK {
+                ok &= y.finite();
+            }
+            out.set(j, y);
         }
-    });
+        ok
+    })
 }
 
 #[cfg(test)]
@@ -213,7 +293,7 @@ mod tests {
         let (x, f) = (data(n, 1), data(n, 2));
         let (mut out, mut xh) = (vec![0.0; n], vec![0.0; n]);
         unsafe {
-            axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), Some((Out(xh.as_mut_ptr()), -0.75)));
+            axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), Some((Out(xh.as_mut_ptr()), -0.75)), true);
         }
         for j in 0..n {
             assert_eq!(out[j], x[j] + f[j] * -0.25);
@@ -233,7 +313,7 @@ mod tests {
             xh_out: Some(Out(xo.as_mut_ptr())),
             zh_out: Some(Out(zo.as_mut_ptr())),
         };
-        unsafe { mix(n, In(x.as_ptr()), In(f.as_ptr()), m, io, Out(out.as_mut_ptr())) };
+        unsafe { mix(n, In(x.as_ptr()), In(f.as_ptr()), m, io, Out(out.as_mut_ptr()), true) };
         for j in 0..n {
             let xh = x[j] - 0.8 * f[j];
             let zh = x[j] + 0.2 * f[j];
@@ -246,13 +326,34 @@ mod tests {
     }
 
     #[test]
+    fn finite_flag_reports_a_single_nan_or_inf_in_any_chunk() {
+        let n = 3 * 32768 + 17;
+        let f = data(n, 2);
+        for (pos, bad) in [(5, f64::NAN), (n - 1, f64::INFINITY), (40000, f64::NEG_INFINITY)] {
+            let mut x = data(n, 1);
+            let mut out = vec![0.0; n];
+            let ok = unsafe { axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), None, true) };
+            assert!(ok);
+            x[pos] = bad;
+            let ok = unsafe { axpy(n, In(x.as_ptr()), In(f.as_ptr()), -0.25, Out(out.as_mut_ptr()), None, true) };
+            assert!(!ok, "{pos}");
+            let ok = unsafe { heun(n, In(x.as_ptr()), In(f.as_ptr()), In(f.as_ptr()), 0.1, Out(out.as_mut_ptr()), true) };
+            assert!(!ok, "{pos}");
+            let m = Mix { t_cur: 0.8, t_next: 0.3, s: 0.0 };
+            let io = MixIo { eps: None, extrapolate: None, xh_out: None, zh_out: None };
+            let ok = unsafe { mix(n, In(x.as_ptr()), In(f.as_ptr()), m, io, Out(out.as_mut_ptr()), true) };
+            assert!(!ok, "{pos}");
+        }
+    }
+
+    #[test]
     fn in_place_and_f32() {
         let n = 32768 + 5;
         let x: Vec<f32> = data(n, 7).into_iter().map(|v| v as f32).collect();
         let f: Vec<f32> = data(n, 8).into_iter().map(|v| v as f32).collect();
         let mut y = x.clone();
         let p = y.as_mut_ptr();
-        unsafe { heun(n, In(p as *const f32), In(f.as_ptr()), In(f.as_ptr()), 0.1, Out(p)) };
+        unsafe { heun(n, In(p as *const f32), In(f.as_ptr()), In(f.as_ptr()), 0.1, Out(p), true) };
         for j in 0..n {
             assert_eq!(y[j], x[j] + (f[j] + f[j]) * -0.1f32);
         }

@@ -3,7 +3,7 @@
 use tch::{Kind, Tensor};
 
 use crate::config::SamplerConfig;
-use crate::error::{Error, Result};
+use crate::error::{all_finite, device_name, Error, Result};
 use crate::grid::time_grid;
 use crate::rng::Rng;
 use crate::stepper::{Phase, Stepper};
@@ -20,13 +20,15 @@ pub struct Sampler {
     grid: Vec<f64>,
     /// Use the fused CPU kernels where the tensors allow it (else always libtorch ops).
     pub fused: bool,
+    /// Refuse non-finite noise up front and stop at the first non-finite step, naming it.
+    pub check_finite: bool,
 }
 
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Result<Self> {
         cfg.validate()?;
         let grid = time_grid(&cfg);
-        Ok(Self { cfg, grid, fused: true })
+        Ok(Self { cfg, grid, fused: true, check_finite: true })
     }
 
     pub fn config(&self) -> &SamplerConfig {
@@ -64,6 +66,9 @@ impl Sampler {
         trajectory: bool,
     ) -> Result<Tensor> {
         Self::check_noise(noise)?;
+        if self.check_finite && !all_finite(noise)? {
+            return Err(Error::Value("noise contains NaN or Inf".into()));
+        }
         let n = self.grid.len() - 1;
         let shape = noise.size();
         let (kind, device) = (noise.f_kind()?, noise.device());
@@ -107,9 +112,9 @@ fn checked_output(f: Tensor, shape: &[i64], kind: Kind, device: tch::Device) -> 
     }
     if f.device() != device {
         return Err(Error::Value(format!(
-            "model returned a tensor on {:?}, expected {:?} (the device of x_t)",
-            f.device(),
-            device
+            "model returned a tensor on {}, expected {} (the device of x_t)",
+            device_name(f.device()),
+            device_name(device)
         )));
     }
     let fk = f.f_kind()?;

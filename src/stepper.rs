@@ -7,7 +7,7 @@
 use tch::Tensor;
 
 use crate::config::SamplerConfig;
-use crate::error::{Error, Result};
+use crate::error::{all_finite, Error, Result};
 use crate::fused::Mix;
 use crate::rng::Rng;
 use crate::sampler::Sampler;
@@ -50,6 +50,8 @@ pub struct Stepper {
     grid: Vec<f64>,
     evals: Vec<Eval>,
     pub fused: bool,
+    /// Report a NaN/Inf result as `Error::NonFinite` naming the evaluation.
+    pub check_finite: bool,
     next: usize,
     /// Un-extrapolated (x̂, ẑ) of the previous interval, kept only when extrapolating.
     prev: Option<(Tensor, Tensor)>,
@@ -62,7 +64,7 @@ impl Stepper {
         let cfg = sampler.config().clone();
         let grid = sampler.timesteps().to_vec();
         let evals = evaluations(&cfg, &grid);
-        Self { cfg, grid, evals, fused: sampler.fused, next: 0, prev: None, heun: None }
+        Self { cfg, grid, evals, fused: sampler.fused, check_finite: sampler.check_finite, next: 0, prev: None, heun: None }
     }
 
     /// A stepper over a given grid t_0 > … > t_{n−1} > 0 (a pipeline's own sigmas) instead of
@@ -119,7 +121,29 @@ impl Stepper {
         let e = *self.current().ok_or_else(|| {
             Error::Value(format!("all {} evaluations are done: set the timesteps again", self.evals.len()))
         })?;
+        let k = self.next;
         self.next += 1;
+        self.advance(e, x, f, rng, xhat_out).map_err(|err| match err {
+            Error::NonFinite(_) => self.non_finite(k, &e, x, f),
+            other => other,
+        })
+    }
+
+    /// Which input made evaluation `k`'s result non-finite (a cold path: runs only then).
+    fn non_finite(&self, k: usize, e: &Eval, x: &Tensor, f: &Tensor) -> Error {
+        let at = format!("at evaluation {} of {} (t = {}, tt = {})", k + 1, self.evals.len(), e.t, e.tt);
+        let culprit = if !all_finite(f).unwrap_or(false) {
+            "the model output (velocity) contains NaN or Inf"
+        } else if !all_finite(x).unwrap_or(false) {
+            "the input x contains NaN or Inf"
+        } else {
+            "the update overflowed to NaN or Inf (extreme extrapol_ratio or model output?)"
+        };
+        Error::NonFinite(format!("non-finite sample {at}: {culprit}"))
+    }
+
+    fn advance(&mut self, e: Eval, x: &Tensor, f: &Tensor, rng: &mut dyn Rng, xhat_out: Option<&Tensor>) -> Result<Tensor> {
+        let check = self.check_finite;
         let (i, n) = (e.interval, self.grid.len() - 1);
         let (t_c, t_n) = (self.grid[i], self.grid[i + 1]);
         let (r, fused) = (self.cfg.extrapol_ratio, self.fused);
@@ -127,19 +151,19 @@ impl Stepper {
             let (x_c, f_c) = self.heun.take().ok_or_else(|| {
                 Error::Value("a corrector evaluation needs the predictor of the same interval first".into())
             })?;
-            return step::heun(&x_c, &f_c, f, t_c, t_n, fused);
+            return step::heun(&x_c, &f_c, f, t_c, t_n, fused, check);
         }
         let s = self.cfg.stochast_ratio.at(t_c, t_n);
         let eps = if s > 0.0 { Some(rng.randn(&x.size(), (x.f_kind()?, x.device()))?) } else { None };
         if i + 1 == n {
             // The sample is x̂ of the last interval, before extrapolation; ε was still drawn to
             // keep the generator's stream as the spec has it.
-            return step::axpy(x, f, -t_c, None, xhat_out, fused);
+            return step::axpy(x, f, -t_c, None, xhat_out, fused, check);
         }
         let extrapolate = if r > 0.0 && i >= 2 { self.prev.as_ref() } else { None };
         let keep = r > 0.0 && i >= 1;
         let x_new = if s == 0.0 && extrapolate.is_none() && !keep {
-            step::axpy(x, f, -(t_c - t_n), xhat_out.map(|t| (t, -t_c)), None, fused)?
+            step::axpy(x, f, -(t_c - t_n), xhat_out.map(|t| (t, -t_c)), None, fused, check)?
         } else {
             let xh_out = match (xhat_out, keep) {
                 (Some(t), _) => Some(t.shallow_clone()),
@@ -159,6 +183,7 @@ impl Stepper {
                     out: None,
                 },
                 fused,
+                check,
             )?;
             if let (Some(a), Some(b)) = (xh_out, zh_out) {
                 self.prev = Some((a, b));
@@ -216,5 +241,23 @@ mod tests {
         assert!(st.step(&x, &x, &mut crate::rng::GlobalRng, None).is_err());
         st.set_position(0).unwrap();
         assert!(st.step(&x, &x, &mut crate::rng::GlobalRng, None).is_ok());
+    }
+
+    #[test]
+    fn a_nan_model_output_names_the_evaluation() {
+        let sampler = Sampler::new(SamplerConfig { sampling_steps: 3, ..Default::default() }).unwrap();
+        for fused in [true, false] {
+            let mut st = Stepper::new(&sampler);
+            st.fused = fused;
+            let x = Tensor::zeros([2, 2], (tch::Kind::Float, tch::Device::Cpu));
+            let x = st.step(&x, &x, &mut crate::rng::GlobalRng, None).unwrap();
+            let bad = Tensor::full([2, 2], f64::NAN, (tch::Kind::Float, tch::Device::Cpu));
+            let err = st.step(&x, &bad, &mut crate::rng::GlobalRng, None).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::NonFinite(_)) && msg.contains("evaluation 2 of 3") && msg.contains("model output"), "{msg}");
+            st.check_finite = false;
+            st.set_position(1).unwrap();
+            assert!(st.step(&x, &bad, &mut crate::rng::GlobalRng, None).is_ok());
+        }
     }
 }

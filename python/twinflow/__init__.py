@@ -7,7 +7,7 @@ The sampler math runs in a Rust core on libtorch (``twinflow._core``).
 # native module links against.
 import torch  # noqa: F401
 
-from ._core import UnifiedSampler, __version__, ucgm_step
+from ._core import MAX_SAMPLING_STEPS, UnifiedSampler, __version__, ucgm_step
 from .losses import TwinFlowLoss
 
 
@@ -24,4 +24,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'twinflow' has no attribute {name!r}")
 
 
-__all__ = ["UnifiedSampler", "TwinFlowLoss", "ucgm_step", "__version__", *_LAZY]
+__all__ = ["UnifiedSampler", "TwinFlowLoss", "ucgm_step", "MAX_SAMPLING_STEPS", "__version__", *_LAZY]

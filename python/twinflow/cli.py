@@ -111,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         rc = COMMANDS[args.command].run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input or a missing file the user named
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input, a missing file, NaN/Inf values
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0 if rc is None else int(rc)

@@ -91,11 +91,14 @@ def _extra_call_args(model: str, args: argparse.Namespace) -> dict:
                  "writes one PNG per image and a JSON with the exact settings beside it."),
 )
 def _run_generate(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
-    from . import __version__
+    from . import MAX_SAMPLING_STEPS, __version__
     from .pipelines import load_pipeline, resolve_device
 
+    if args.steps > MAX_SAMPLING_STEPS:
+        raise ValueError(f"--steps: must be at most {MAX_SAMPLING_STEPS}, got {args.steps}")
     prompts = _prompts(args)
     device = resolve_device(args.device)
     dtype = ({"cuda": torch.bfloat16}.get(device.type, torch.float32) if args.dtype == "auto"
@@ -128,9 +131,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     # The pipeline shows a bar over its steps; this one counts prompts when there are several.
     for p, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", disable=True if len(prompts) < 2 else None)):
         t0 = time.perf_counter()
-        images = pipe(prompt=prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
-                      num_images_per_prompt=args.num_images, generator=torch.Generator("cpu").manual_seed(args.seed),
-                      output_type="pil", **extra).images
+        array = pipe(prompt=prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
+                     num_images_per_prompt=args.num_images, generator=torch.Generator("cpu").manual_seed(args.seed),
+                     output_type="np", **extra).images
+        if not np.isfinite(array).all():  # e.g. NaN weights in the VAE: never write a blank image
+            raise ValueError(f"prompt {p}: the decoded images contain NaN or Inf (corrupt weights in "
+                             f"{args.model_path}?); nothing written for it")
+        images = pipe.numpy_to_pil(array)
         wall = time.perf_counter() - t0
         # The config after the call holds the preset settings this step count used.
         scheduler = {"class": type(pipe.scheduler).__name__,

@@ -18,7 +18,6 @@ published preset of its own ``num_inference_steps`` (``twinflow.scheduler.preset
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pathlib
@@ -31,6 +30,7 @@ import torch
 
 import diffusers_patch
 
+from . import _files, _pipeline_checks
 from .scheduler import TwinFlowPresetScheduler, TwinFlowScheduler
 
 __all__ = ["MODELS", "ModelSpec", "load_pipeline", "check_pipeline_folder", "check_transformer_folder",
@@ -87,20 +87,13 @@ def resolve_device(device) -> Optional[torch.device]:
 
 
 def _read_json(path: pathlib.Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+    return _files.read_json(path)
 
 
 def _check_safetensors(path: pathlib.Path) -> None:
     from safetensors import safe_open
 
+    _files.regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
@@ -116,10 +109,11 @@ def transformer_weight_files(transformer_dir: pathlib.Path) -> Dict[str, pathlib
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no weight_map")
-        files = {k: transformer_dir / v for k, v in weight_map.items()}
+        files = {k: _files.inside(transformer_dir, v, index.name) for k, v in weight_map.items()}
         for f in set(files.values()):
-            if not f.is_file():
+            if not f.exists():
                 raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing")
+            _files.regular_file(f)
         return files
     single = transformer_dir / WEIGHTS_NAME
     if not single.is_file():
@@ -181,6 +175,14 @@ def resolve_model_path(path: Union[str, os.PathLike], *, subfolder: Optional[str
     return root
 
 
+def _check_files(root: pathlib.Path, sub: pathlib.Path) -> None:
+    """Nothing under `sub` leads outside `root`, and no FIFO or device would block a reader."""
+    for f in sorted(sub.rglob("*")):
+        _files.inside(root, f.relative_to(root))
+        if not f.is_dir():
+            _files.regular_file(f)
+
+
 def check_transformer_folder(tdir: pathlib.Path, model: str) -> None:
     """A transformer folder of `model`: config.json naming its class (the stock name, or the
     stock name + "Wrapper" that the published TwinFlow training saves) and safetensors weights."""
@@ -190,6 +192,7 @@ def check_transformer_folder(tdir: pathlib.Path, model: str) -> None:
     config = tdir / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config}: missing")
+    _check_files(tdir, tdir)
     found = _read_json(config).get("_class_name")
     if found == want + "Wrapper":
         logger.info("%s: %s is the published TwinFlow training wrapper of %s; loading it as the stock %s "
@@ -219,17 +222,20 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str, *, with_tra
     if "transformer" not in components:
         raise ValueError(f"{index}: lists no transformer")
     for name in components:
+        sub = _files.inside(root, name, "model_index.json")
         if name == "transformer":
             continue
-        sub = root / name
         if not sub.is_dir():
             raise FileNotFoundError(f"{sub}: missing (listed in model_index.json)")
+        _check_files(root, sub)
         for f in sorted(sub.glob("*.json")):
             _read_json(f)
         for f in sorted(sub.glob("*.safetensors")):
             _check_safetensors(f)
     if with_transformer:
         check_transformer_folder(root / "transformer", model)
+    checked = {k: v for k, v in components.items() if with_transformer or k != "transformer"}
+    _pipeline_checks.check_components(root, checked, diffusers_patch.backbone(model).pipeline_class())
     return root
 
 

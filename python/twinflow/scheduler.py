@@ -31,7 +31,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from ._core import SamplerStepper, UnifiedSampler
+from ._core import MAX_SAMPLING_STEPS, SamplerStepper, UnifiedSampler
 
 __all__ = ["TwinFlowScheduler", "TwinFlowSchedulerOutput", "TwinFlowPresetScheduler", "preset_for_steps",
            "scheduler_for_steps"]
@@ -143,8 +143,8 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
                 if given is None:
                     raise ValueError("num_inference_steps: required (or pass sigmas/timesteps)")
                 steps = len(given)
-            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-                raise ValueError(f"num_inference_steps: must be an int >= 1, got {steps!r}")
+            if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_SAMPLING_STEPS:
+                raise ValueError(f"num_inference_steps: must be an int in [1, {MAX_SAMPLING_STEPS}], got {steps!r}")
             stepper = SamplerStepper(self._sampler(steps))
         evals = stepper.evals
         eval_t = torch.tensor([e[0] for e in evals], dtype=torch.float64)

@@ -1,17 +1,20 @@
 //! Argument conversion and validation shared by the bindings, and error mapping.
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyFloatingPointError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyBool, PyFloat, PyInt, PyString};
 use pyo3_tch::PyTensor;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use crate::error::Error;
+use crate::error::{device_name, Error};
 
 pub fn to_pyerr(e: Error) -> PyErr {
     match e {
         Error::Config { .. } | Error::Value(_) => PyValueError::new_err(e.to_string()),
         Error::Type(m) => PyTypeError::new_err(m),
+        Error::NonFinite(m) => PyFloatingPointError::new_err(m),
         Error::Callback(_) | Error::Torch(_) => PyRuntimeError::new_err(e.to_string()),
     }
 }
@@ -20,10 +23,65 @@ pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
 
+static STRIDED: GILOnceCell<PyObject> = GILOnceCell::new();
+static PLAIN_DISPATCH: GILOnceCell<PyObject> = GILOnceCell::new();
+static IS_WRAPPED: GILOnceCell<PyObject> = GILOnceCell::new();
+
+fn torch_attr<'py>(py: Python<'py>, cell: &'static GILOnceCell<PyObject>, path: &[&str]) -> PyResult<&'py Bound<'py, PyAny>> {
+    cell.get_or_try_init(py, || {
+        let mut o = py.import("torch")?.into_any();
+        for name in path {
+            o = o.getattr(*name)?;
+        }
+        Ok(o.unbind())
+    })
+    .map(|o| o.bind(py))
+}
+
+/// Refuse the tensors libtorch cannot hand to the core safely (their shape or memory queries
+/// throw, and a throwing query would be a panic): nested, non-strided (sparse, mkldnn), meta,
+/// functorch-wrapped (inside vmap/grad) and `__torch_dispatch__` subclasses (FakeTensor,
+/// DTensor). Zero tensors and neg/conj views are fine: the core sends them through libtorch ops.
+pub fn check_plain_tensor(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<()> {
+    let py = obj.py();
+    if obj.getattr(intern!(py, "is_nested"))?.is_truthy()? {
+        return Err(PyTypeError::new_err(format!("{field}: nested tensors are not supported")));
+    }
+    let layout = obj.getattr(intern!(py, "layout"))?;
+    if !layout.is(torch_attr(py, &STRIDED, &["strided"])?) {
+        return Err(PyTypeError::new_err(format!(
+            "{field}: {} tensors are not supported, pass a dense (torch.strided) tensor",
+            layout.str()?
+        )));
+    }
+    let device = obj.getattr(intern!(py, "device"))?.getattr(intern!(py, "type"))?;
+    if device.extract::<String>()? == "meta" {
+        return Err(PyValueError::new_err(format!(
+            "{field}: a tensor on the meta device has no data; pass a cpu or cuda tensor"
+        )));
+    }
+    let dispatch = obj.get_type().getattr(intern!(py, "__torch_dispatch__"))?;
+    if !dispatch.is(torch_attr(py, &PLAIN_DISPATCH, &["Tensor", "__torch_dispatch__"])?) {
+        return Err(PyTypeError::new_err(format!(
+            "{field}: tensor subclass {} is not supported, pass a plain torch.Tensor",
+            type_name(obj)
+        )));
+    }
+    if torch_attr(py, &IS_WRAPPED, &["_C", "_functorch", "is_functorch_wrapped_tensor"])?.call1((obj,))?.is_truthy()? {
+        return Err(PyTypeError::new_err(format!(
+            "{field}: tensors inside torch.func transforms (vmap, grad, ...) are not supported"
+        )));
+    }
+    Ok(())
+}
+
 pub fn tensor_arg(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<Tensor> {
-    obj.extract::<PyTensor>()
+    let t = obj
+        .extract::<PyTensor>()
         .map(|t| t.0)
-        .map_err(|_| PyTypeError::new_err(format!("{field} must be a torch.Tensor, got {}", type_name(obj))))
+        .map_err(|_| PyTypeError::new_err(format!("{field} must be a torch.Tensor, got {}", type_name(obj))))?;
+    check_plain_tensor(obj, field)?;
+    Ok(t)
 }
 
 /// A tensor argument that must match `like` in shape, dtype and device (ValueError otherwise).
@@ -31,16 +89,20 @@ pub fn tensor_like(obj: &Bound<'_, PyAny>, field: &str, like: &Tensor) -> PyResu
     let t = tensor_arg(obj, field)?;
     if t.size() != like.size() || t.device() != like.device() || t.f_kind().ok() != like.f_kind().ok() {
         return Err(PyValueError::new_err(format!(
-            "{field} must match x (shape {:?}, {:?}, {:?}), got shape {:?}, {:?}, {:?}",
+            "{field} must match x (shape {:?}, {}, {}), got shape {:?}, {}, {}",
             like.size(),
-            like.f_kind().unwrap_or(Kind::Uint8),
-            like.device(),
+            kind_name(like),
+            device_name(like.device()),
             t.size(),
-            t.f_kind().unwrap_or(Kind::Uint8),
-            t.device()
+            kind_name(&t),
+            device_name(t.device())
         )));
     }
     Ok(t)
+}
+
+fn kind_name(t: &Tensor) -> String {
+    t.f_kind().map(|k| format!("{k:?}")).unwrap_or_else(|_| "an unsupported dtype".into())
 }
 
 pub fn float_arg(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<f64> {

@@ -7,7 +7,7 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use pyo3_tch::PyTensor;
 use tch::{Device, Kind, Tensor};
 
-use super::args::{to_pyerr, type_name};
+use super::args::{check_plain_tensor, to_pyerr, type_name};
 use crate::error::Error;
 use crate::rng::Rng;
 use crate::sampler::VelocityModel;
@@ -15,8 +15,11 @@ use crate::train::{Call, CondKind, Net, TrainModel};
 
 /// The tensor a model call returned (TypeError otherwise).
 fn model_output(out: &Bound<'_, PyAny>) -> PyResult<PyTensor> {
-    out.extract::<PyTensor>()
-        .map_err(|_| PyTypeError::new_err(format!("model must return a torch.Tensor, got {}", type_name(out))))
+    let t = out
+        .extract::<PyTensor>()
+        .map_err(|_| PyTypeError::new_err(format!("model must return a torch.Tensor, got {}", type_name(out))))?;
+    check_plain_tensor(out, "model output")?;
+    Ok(t)
 }
 
 /// Calls the user's `model(x_t, t=t, tt=tt, **kwargs)`; keeps the Python error for re-raising.

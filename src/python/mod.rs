@@ -38,5 +38,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(train::time_weight, m)?)?;
     m.add_function(wrap_pyfunction!(train::split_sub_batches, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAX_SAMPLING_STEPS", crate::config::MAX_SAMPLING_STEPS)?;
     Ok(())
 }

@@ -8,8 +8,8 @@ use tch::Tensor;
 
 use super::args::{float_arg, floats_arg, int_arg, tensor_arg, tensor_like, to_pyerr, type_name};
 use super::callbacks::{PyModel, PyRng};
-use crate::config::{SamplerConfig, SamplingStyle, StochastRatio};
-use crate::error::Error;
+use crate::config::{SamplerConfig, SamplingStyle, StochastRatio, MAX_SAMPLING_STEPS};
+use crate::error::{all_finite, Error};
 use crate::sampler::{is_float, Sampler};
 use crate::step;
 use crate::stepper::{Phase, Stepper};
@@ -29,8 +29,10 @@ fn set_field(cfg: &mut SamplerConfig, key: &str, v: &Bound<'_, PyAny>) -> PyResu
     match key {
         "sampling_steps" => {
             let n = int_arg(v, key)?;
-            if n < 1 {
-                return Err(PyValueError::new_err(format!("sampling_steps: must be >= 1, got {n}")));
+            if !(1..=MAX_SAMPLING_STEPS as i64).contains(&n) {
+                return Err(PyValueError::new_err(format!(
+                    "sampling_steps: must be in [1, {MAX_SAMPLING_STEPS}], got {n}"
+                )));
             }
             cfg.sampling_steps = n as usize;
         }
@@ -220,6 +222,7 @@ impl PySampler {
         }
         let mut sampler = build(cfg)?;
         sampler.fused = self.inner.fused;
+        sampler.check_finite = self.inner.check_finite;
         Self::run(py, &sampler, sampling_model, inital_noise_z, generator, progress, true, Some(model_kwargs))
     }
 
@@ -286,6 +289,18 @@ impl PySampler {
         self.inner.fused = v;
     }
 
+    /// Refuse NaN/Inf noise and stop with FloatingPointError at the first step whose result
+    /// is not finite, naming it (default True; on the fused CPU path the check is free).
+    #[getter]
+    fn check_finite(&self) -> bool {
+        self.inner.check_finite
+    }
+
+    #[setter]
+    fn set_check_finite(&mut self, v: bool) {
+        self.inner.check_finite = v;
+    }
+
     /// The settings as a dict (keyword arguments of the constructor).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -319,8 +334,9 @@ fn byte_range(t: &Tensor) -> (usize, usize) {
 
 /// One sampler interval without extrapolation (SPEC §2): for s = 0 `x − (t_cur − t_next)·v`,
 /// else `(1 − t_next)·x̂ + t_next·(√(1 − s)·ẑ + √s·noise)`. Writes into `out` when given.
+/// With `check_finite` a result holding NaN or Inf raises FloatingPointError naming the input.
 #[pyfunction]
-#[pyo3(signature = (x, velocity, t_cur, t_next, stochast_ratio=None, noise=None, out=None))]
+#[pyo3(signature = (x, velocity, t_cur, t_next, stochast_ratio=None, noise=None, out=None, check_finite=true))]
 #[allow(clippy::too_many_arguments)]
 pub fn ucgm_step(
     py: Python<'_>,
@@ -331,6 +347,7 @@ pub fn ucgm_step(
     stochast_ratio: Option<&Bound<'_, PyAny>>,
     noise: Option<&Bound<'_, PyAny>>,
     out: Option<&Bound<'_, PyAny>>,
+    check_finite: bool,
 ) -> PyResult<PyObject> {
     let xt = tensor_arg(x, "x")?;
     let kind = xt.f_kind().map_err(|e| to_pyerr(e.into()))?;
@@ -374,7 +391,20 @@ pub fn ucgm_step(
     };
     let has_out = out_t.is_some();
     let y = py
-        .allow_threads(move || step::ucgm_step(&xt, &f, tc, tn, s, eps.as_ref(), out_t.as_ref(), true))
+        .allow_threads(move || {
+            step::ucgm_step(&xt, &f, tc, tn, s, eps.as_ref(), out_t.as_ref(), true, check_finite).map_err(|e| match e {
+                Error::NonFinite(_) => {
+                    let bad = [("velocity", Some(&f)), ("x", Some(&xt)), ("noise", eps.as_ref())]
+                        .into_iter()
+                        .find(|(_, t)| t.is_some_and(|t| !all_finite(t).unwrap_or(false)));
+                    Error::NonFinite(match bad {
+                        Some((name, _)) => format!("ucgm_step: the result is not finite: {name} contains NaN or Inf"),
+                        None => "ucgm_step: the result overflowed to NaN or Inf".into(),
+                    })
+                }
+                other => other,
+            })
+        })
         .map_err(to_pyerr)?;
     match out {
         Some(o) if has_out => Ok(o.clone().unbind()),

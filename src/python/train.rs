@@ -8,7 +8,7 @@ use tch::Tensor;
 
 use super::args::{float_arg, floats_arg, int_arg, tensor_arg, to_pyerr, type_name};
 use super::callbacks::{PyRng, PyTrainModel};
-use crate::error::Error;
+use crate::error::{all_finite, Error};
 use crate::sampler::is_float;
 use crate::train::config::{LossKind, TrainConfig};
 use crate::train::ema::{ema_update, EmaSchedule};
@@ -149,6 +149,9 @@ impl PyObjective {
         if xt.dim() == 0 {
             return Err(PyValueError::new_err("x must have a batch dimension (got a 0-dim tensor)"));
         }
+        if !all_finite(&xt).map_err(to_pyerr)? {
+            return Err(PyValueError::new_err("x contains NaN or Inf"));
+        }
         if !model.is_callable() {
             return Err(PyTypeError::new_err(format!("model must be callable, got {}", type_name(model))));
         }
@@ -174,6 +177,9 @@ impl PyObjective {
             (res, m, rng)
         });
         match res {
+            Ok(out) if !all_finite(&out.loss).map_err(to_pyerr)? => Err(to_pyerr(Error::NonFinite(
+                "TwinFlowLoss: the loss is NaN or Inf (a model output is not finite, or the values overflowed)".into(),
+            ))),
             Ok(out) => Ok((PyTensor(out.loss), PyTensor(out.stats), out.model_calls)),
             Err(Error::Callback(_)) => Err(m.err.or(rng.err).unwrap_or_else(|| PyRuntimeError::new_err("a callback failed"))),
             Err(e) => Err(to_pyerr(e)),
@@ -182,7 +188,7 @@ impl PyObjective {
 
     /// EMA update of `ema_params` towards `params` (in place, no autograd) with the warm-up
     /// decay; returns the decay used.
-    fn ema_update(&mut self, ema_params: Vec<PyTensor>, params: Vec<PyTensor>) -> PyResult<f64> {
+    fn ema_update(&mut self, ema_params: Vec<Bound<'_, PyAny>>, params: Vec<Bound<'_, PyAny>>) -> PyResult<f64> {
         if ema_params.len() != params.len() {
             return Err(PyValueError::new_err(format!(
                 "ema_update: {} EMA tensors for {} parameters",
@@ -190,14 +196,16 @@ impl PyObjective {
                 params.len()
             )));
         }
-        for (i, (e, p)) in ema_params.iter().zip(&params).enumerate() {
+        let gate = |v: &[Bound<'_, PyAny>], what: &str| -> PyResult<Vec<Tensor>> {
+            v.iter().enumerate().map(|(i, t)| tensor_arg(t, &format!("{what}[{i}]"))).collect()
+        };
+        let (e, p) = (gate(&ema_params, "ema_params")?, gate(&params, "params")?);
+        for (i, (e, p)) in e.iter().zip(&p).enumerate() {
             if e.size() != p.size() {
                 return Err(PyValueError::new_err(format!("ema_update: tensor {i} has shape {:?}, parameter {:?}", e.size(), p.size())));
             }
         }
         let d = self.ema.advance();
-        let e: Vec<Tensor> = ema_params.into_iter().map(|t| t.0).collect();
-        let p: Vec<Tensor> = params.into_iter().map(|t| t.0).collect();
         ema_update(&e, &p, d).map_err(to_pyerr)?;
         Ok(d)
     }

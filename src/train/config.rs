@@ -46,6 +46,9 @@ impl Default for TrainConfig {
     }
 }
 
+/// RCGM order bound: each order is one more model call per step.
+pub const MAX_ESTIMATE_ORDER: i64 = 16;
+
 pub const RECIPES: [&str; 3] = ["twinflow", "rcgm", "flow_matching"];
 
 impl TrainConfig {
@@ -96,8 +99,11 @@ impl TrainConfig {
                 format!("(β1, β2, scale) must all be > 0, got {:?}", self.time_dist_ctrl),
             ));
         }
-        if self.estimate_order < 0 {
-            return Err(Error::config("estimate_order", format!("must be >= 0, got {}", self.estimate_order)));
+        if !(0..=MAX_ESTIMATE_ORDER).contains(&self.estimate_order) {
+            return Err(Error::config(
+                "estimate_order",
+                format!("must be in [0, {MAX_ESTIMATE_ORDER}], got {}", self.estimate_order),
+            ));
         }
         if let LossKind::Barron { alpha, c } = self.loss {
             finite("barron_alpha", &[alpha])?;
@@ -154,6 +160,7 @@ mod tests {
         assert_eq!(field(TrainConfig { consistc_ratio: f64::NAN, ..d() }), "consistc_ratio");
         assert_eq!(field(TrainConfig { ema_decay_rate: 1.5, ..d() }), "ema_decay_rate");
         assert_eq!(field(TrainConfig { estimate_order: -1, ..d() }), "estimate_order");
+        assert_eq!(field(TrainConfig { estimate_order: 1 << 62, ..d() }), "estimate_order");
         assert_eq!(field(TrainConfig { loss: LossKind::Barron { alpha: 1.0, c: 0.0 }, ..d() }), "barron_c");
         assert_eq!(field(TrainConfig { sub_batches: [1.0, -1.0, 1.0, 1.0], ..d() }), "sub_batches");
         assert_eq!(field(TrainConfig { sub_batches: [0.0; 4], ..d() }), "sub_batches");

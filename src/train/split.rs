@@ -7,6 +7,9 @@ use crate::error::{Error, Result};
 
 pub const RUN_NAMES: [&str; 4] = ["e2e", "mul", "any", "adv"];
 
+/// Largest batch: quotas stay exact in f64, so the remainder loop runs at most four times.
+pub const MAX_BATCH: usize = 1 << 40;
+
 pub fn check_weights(w: &[f64; 4]) -> Result<()> {
     for (name, &v) in RUN_NAMES.iter().zip(w) {
         if !v.is_finite() || v < 0.0 {
@@ -22,6 +25,9 @@ pub fn check_weights(w: &[f64; 4]) -> Result<()> {
 /// Row ranges of the four runs for a batch of `b` rows; an inactive run is empty.
 pub fn split_sub_batches(b: usize, w: &[f64; 4]) -> Result<[Range<usize>; 4]> {
     check_weights(w)?;
+    if b > MAX_BATCH {
+        return Err(Error::Value(format!("batch size {b} is larger than the maximum {MAX_BATCH}")));
+    }
     let active: Vec<bool> = w.iter().map(|&v| v > 0.0).collect();
     let a = active.iter().filter(|&&x| x).count();
     if b < a {
@@ -63,6 +69,12 @@ mod tests {
 
     fn sizes(b: usize, w: [f64; 4]) -> Vec<usize> {
         split_sub_batches(b, &w).unwrap().iter().map(|r| r.len()).collect()
+    }
+
+    #[test]
+    fn huge_batches_are_refused() {
+        assert!(split_sub_batches(MAX_BATCH + 1, &[1.0; 4]).is_err());
+        assert_eq!(split_sub_batches(MAX_BATCH, &[1.0, 3.0, 0.0, 7.0]).unwrap()[3].end, MAX_BATCH);
     }
 
     #[test]

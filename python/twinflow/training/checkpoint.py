@@ -28,6 +28,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .. import _files
+
 MARKER = "COMPLETE.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
@@ -88,20 +90,30 @@ def load_peft_weights(folder: pathlib.Path) -> Dict[str, torch.Tensor]:
 
 
 def write(root: pathlib.Path, step: int, writer) -> pathlib.Path:
-    """Rank 0: ``writer(tmp_dir)`` fills a temp folder; hash it, write the marker, rename."""
+    """Rank 0: ``writer(tmp_dir)`` fills a temp folder; hash it, write the marker, rename.
+    When anything fails (a full disk) the temp folder is removed, the previous checkpoints
+    stay, and an OSError becomes a one-line ValueError."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob("step-*.tmp-*"):  # a save killed half-way
         shutil.rmtree(stale, ignore_errors=True)
     final = step_dir(root, step)
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    writer(tmp)
-    files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(tmp.rglob("*")) if p.is_file()}
-    marker = tmp / MARKER
-    marker.write_text(json.dumps({"step": step, "files": files}, indent=1))
-    with open(marker, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        tmp.mkdir()
+        writer(tmp)
+        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        marker = tmp / MARKER
+        marker.write_text(json.dumps({"step": step, "files": files}, indent=1))
+        with open(marker, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            kept = complete_checkpoints(root)
+            raise ValueError(f"cannot write checkpoint {final.name}: {e.strerror or e}; "
+                             f"the previous checkpoint {kept[-1] if kept else '(none)'} is kept") from e
+        raise
     if final.exists():  # re-saving a step (e.g. the final one): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -114,29 +126,63 @@ def write(root: pathlib.Path, step: int, writer) -> pathlib.Path:
 
 
 def verify(path: pathlib.Path) -> dict:
-    """The marker of a complete, intact checkpoint; ValueError naming what is wrong."""
+    """The marker of a complete, intact checkpoint; ValueError naming what is wrong. Every
+    name in the marker must stay inside the folder and be a regular file, and a folder named
+    ``step-N`` must hold step N."""
     path = pathlib.Path(path)
     marker = path / MARKER
     if not path.is_dir():
         raise ValueError(f"checkpoint {path}: not a folder")
-    if not marker.is_file():
+    if not marker.exists():
         raise ValueError(f"checkpoint {path}: incomplete ({MARKER} missing: the save was interrupted); "
                          "refusing to load it")
     try:
-        info = json.loads(marker.read_text())
-        files = info["files"]
+        info = _files.read_json(marker)
+        files, step = info["files"], info["step"]
+        if not isinstance(files, dict) or not isinstance(step, int) or isinstance(step, bool):
+            raise TypeError("files must be an object and step an int")
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {path}: unreadable {MARKER} ({e}); refusing to load it") from None
+    m = _STEP_DIR.match(path.name)
+    if m and int(m.group(1)) != step:
+        raise ValueError(f"checkpoint {path}: the folder name says step {int(m.group(1))} but it holds step "
+                         f"{step}; refusing to load it")
     for rel, meta in files.items():
-        p = path / rel
-        if not p.is_file():
+        p = _files.inside(path, rel, f"checkpoint {path}: {MARKER}")
+        if not p.exists():
             raise ValueError(f"checkpoint {path}: corrupt, {rel} is missing; refusing to load it")
+        _files.regular_file(p, f"checkpoint {path}")
+        if not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or not isinstance(
+                meta.get("sha256"), str):
+            raise ValueError(f"checkpoint {path}: unreadable {MARKER} entry for {rel}; refusing to load it")
         if p.stat().st_size != meta["size"]:
             raise ValueError(f"checkpoint {path}: corrupt, {rel} has {p.stat().st_size} bytes, "
                              f"expected {meta['size']}; refusing to load it")
         if _sha256(p) != meta["sha256"]:
             raise ValueError(f"checkpoint {path}: corrupt, {rel} does not match its sha256; refusing to load it")
+    for name in ("trainer_state.pt", "rng_states.pt"):  # loaded by name, so they must be covered
+        if name not in files and (path / name).exists():
+            raise ValueError(f"checkpoint {path}: {name} is not listed in {MARKER}; refusing to load it")
     return info
+
+
+def marker_step(path: pathlib.Path) -> int:
+    return _files.read_json(pathlib.Path(path) / MARKER)["step"]
+
+
+def load_state(path: pathlib.Path):
+    """A state file written by `torch.save` of plain containers and tensors, loaded with
+    ``weights_only=True``: a checkpoint received from someone else cannot run code."""
+    import pickle
+
+    path = _files.regular_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as e:
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Weights only" in str(e):
+            raise ValueError(f"{path}: holds objects other than tensors and plain containers (written by an "
+                             "older twinflow, or not by twinflow); refusing to unpickle it") from None
+        raise ValueError(f"{path}: unreadable ({e})") from None
 
 
 def complete_checkpoints(root: pathlib.Path) -> List[pathlib.Path]:
@@ -148,11 +194,23 @@ def complete_checkpoints(root: pathlib.Path) -> List[pathlib.Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(resume: Optional[str], root: pathlib.Path) -> Optional[pathlib.Path]:
+def resolve_resume(resume: Optional[str], root: pathlib.Path, overwrite: bool = False) -> Optional[pathlib.Path]:
     """``--resume``: None/"none" → start fresh; "auto" → the newest complete checkpoint under
-    `root` (none yet: fresh); a path → that checkpoint. The chosen one is verified."""
+    `root` (none yet: fresh); a path → that checkpoint. The chosen one is verified.
+
+    A fresh start into a `root` that holds checkpoints is refused unless `overwrite` (which
+    deletes them): the new run would prune its own checkpoints in favour of the old, higher
+    step numbers, and a later ``--resume auto`` would pick the old run."""
     if resume in (None, "", "none"):
+        found = complete_checkpoints(root)
+        if found and not overwrite:
+            raise ValueError(f"{root} already holds checkpoints of an earlier run (newest: {found[-1].name}); "
+                             "pass --resume auto to continue it, or --overwrite to delete them and start over")
+        if overwrite and root.exists():
+            shutil.rmtree(root)
         return None
+    if overwrite:
+        raise ValueError("--overwrite starts a fresh run: it cannot be combined with --resume")
     if resume == "auto":
         found = complete_checkpoints(root)
         if not found:
@@ -170,11 +228,18 @@ def prune(root: pathlib.Path, keep_last: int) -> None:
 
 
 def rng_state() -> dict:
+    """Every RNG's state as tensors and numbers only (nothing that needs unpickling code)."""
     import random
 
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+             "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -186,7 +251,10 @@ def set_rng_state(state: dict) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -22,6 +22,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set training.lr=1e-4 (repeatable; value parsed as YAML)")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="auto: continue from the newest complete checkpoint in the output dir; or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh even though --output-dir holds checkpoints of an earlier run (deletes them)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
@@ -36,9 +38,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     d = init_distributed()
+    trainer = None
     try:
         trainer = Trainer(cfg, dataset_path=args.dataset_path, output_dir=args.output_dir, d=d,
-                          resume=args.resume, progress=not args.no_progress)
+                          resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
         if d.main and trainer.step:
             print(f"twinflow train: resumed from {trainer.last_checkpoint} at step {trainer.step}", file=sys.stderr)
         trainer.fit()
@@ -46,5 +49,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"twinflow train: error: {e}", file=sys.stderr)
         return 3
     finally:
+        if trainer is not None:
+            trainer.close()
         shutdown()
     return 0

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .._lock import OutputDirLock
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import Dist, no_grad_sync, resolve_strategy, shard, wrap
@@ -65,7 +66,15 @@ def save_grid(images: torch.Tensor, path: pathlib.Path) -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, dataset_path, output_dir, d: Dist, resume: Optional[str] = None,
-                 progress: bool = True):
+                 progress: bool = True, overwrite: bool = False):
+        self._lock = None
+        try:
+            self._build(cfg, dataset_path, output_dir, d, resume, progress, overwrite)
+        except BaseException:
+            self.close()  # a failed start leaves the output folder free
+            raise
+
+    def _build(self, cfg, dataset_path, output_dir, d, resume, progress, overwrite):
         from twinflow import TwinFlowLoss
 
         from .data import load_null_embeds, make_loader, open_dataset
@@ -80,7 +89,7 @@ class Trainer:
         self.strategy = resolve_strategy(t.strategy, d.world, self.lora)
         self.accum = t.grad_accum_steps
         torch.manual_seed(t.seed)  # the same initial weights (LoRA init) on every rank
-        resume_from = self._resolve_resume(resume)  # before loading models: fail fast
+        resume_from = self._resolve_resume(resume, overwrite)  # before loading models: fail fast
         self.loss_fn = TwinFlowLoss(cfg.twinflow.recipe, **cfg.twinflow.settings())
 
         # data
@@ -141,19 +150,27 @@ class Trainer:
         if resume_from is not None:
             self.load(resume_from)
 
-    def _resolve_resume(self, resume: Optional[str]) -> Optional[pathlib.Path]:
-        """Rank 0 picks and verifies the checkpoint (hashing it once), every rank gets the
-        answer or the same error."""
+    def _resolve_resume(self, resume: Optional[str], overwrite: bool) -> Optional[pathlib.Path]:
+        """Rank 0 locks the output folder (one run at a time), picks and verifies the
+        checkpoint (hashing it once); every rank gets the answer or the same error."""
         found = None
         if self.d.main:
             try:
-                found = ckpt.resolve_resume(resume, self.ckpt_root)
+                self._lock = OutputDirLock(self.out).acquire()
+                found = ckpt.resolve_resume(resume, self.ckpt_root, overwrite)
             except ValueError as e:
+                self.close()
                 found = e
         found = self.d.broadcast_object(found)
         if isinstance(found, ValueError):
             raise found
         return found
+
+    def close(self) -> None:
+        """Release the output folder (also released when the process ends, however it ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ------------------------------------------------------------------ conditioning
 
@@ -235,9 +252,12 @@ class Trainer:
             g = torch.Generator(self.d.device).manual_seed(
                 shard_seed(self.cfg.training.seed, self.step, self.d.rank * self.accum + m))
             with no_grad_sync(self.model, self.strategy, sync=m == self.accum - 1):
-                with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    loss = self.loss_fn(self.model, x, cond=cond, uncond=uncond, teacher=teacher, generator=g)
-                value = loss.detach().float().item()
+                try:
+                    with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                        loss = self.loss_fn(self.model, x, cond=cond, uncond=uncond, teacher=teacher, generator=g)
+                    value = loss.detach().float().item()
+                except FloatingPointError:  # TwinFlowLoss refuses a NaN/Inf loss; every rank must still vote
+                    value = float("nan")
                 if not self.d.all_true(math.isfinite(value)):
                     where = self.last_checkpoint or "none (no checkpoint was written yet)"
                     raise NonFiniteLoss(f"non-finite loss ({value}) at step {self.step + 1}: stopping. "
@@ -302,17 +322,28 @@ class Trainer:
                         "step": self.step, "config": self.cfg.to_dict()}
                 (tmp / "twinflow_train.json").write_text(json.dumps(info, indent=1))
 
-            path = ckpt.write(self.ckpt_root, self.step, writer)
-            ckpt.prune(self.ckpt_root, self.cfg.training.keep_last)
+            try:
+                path = ckpt.write(self.ckpt_root, self.step, writer)
+                ckpt.prune(self.ckpt_root, self.cfg.training.keep_last)
+            except ValueError as e:  # disk full: every rank stops with the same one-line error
+                path = e
         self.d.barrier()
-        self.last_checkpoint = self.d.broadcast_object(path)
+        path = self.d.broadcast_object(path)
+        if isinstance(path, ValueError):
+            raise path
+        self.last_checkpoint = path
         return self.last_checkpoint
 
     def load(self, path: pathlib.Path) -> None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = ckpt.load_state(path / "trainer_state.pt")
+        marked = ckpt.marker_step(path)
+        if not isinstance(state, dict) or state.get("step") != marked:
+            raise ValueError(f"checkpoint {path}: trainer_state.pt holds step "
+                             f"{state.get('step') if isinstance(state, dict) else '?'}, {ckpt.MARKER} says {marked}; "
+                             "refusing to load it")
         if (state["world"] * state["batch_size"] * state["accum"]
                 != self.d.world * self.cfg.training.batch_size * self.accum):
             raise ValueError(f"checkpoint {path}: written with a global batch of {state['world']} processes × "
@@ -339,7 +370,7 @@ class Trainer:
         self.sched.load_state_dict(state["lr_scheduler"])
         self.loss_fn.load_state_dict(state["loss_fn"])
         self.step, self.data_pass, self.used_in_pass = state["step"], state["data_pass"], state["used_in_pass"]
-        rngs = torch.load(path / "rng_states.pt", weights_only=False)
+        rngs = ckpt.load_state(path / "rng_states.pt")
         if len(rngs) == self.d.world:
             ckpt.set_rng_state(rngs[self.d.rank])
         self.last_checkpoint = path

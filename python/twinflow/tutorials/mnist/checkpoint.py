@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from ... import _files
 from .unet import MnistUNet
 
 __all__ = ["save_checkpoint", "load_model", "load_weights", "read_config", "load_train_state",
@@ -51,10 +52,53 @@ def save_checkpoint(directory: os.PathLike, model_weights: Dict[str, torch.Tenso
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cpu = lambda sd: {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}  # noqa: E731
-    _atomic(d / MODEL_FILE, lambda p: save_file(cpu(model_weights), str(p)))
+    # The step in each file's metadata: a save killed between two renames is detected on resume.
+    meta = {"step": str(config.get("progress", {}).get("step", ""))}
+    _atomic(d / MODEL_FILE, lambda p: save_file(cpu(model_weights), str(p), metadata=meta))
     if state is not None:
-        _atomic(d / STATE_FILE, lambda p: save_file(cpu(state), str(p)))
+        _atomic(d / STATE_FILE, lambda p: save_file(cpu(state), str(p), metadata=meta))
     _atomic(d / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+# The network's schema: (type, lowest, highest) per key of config["network"]. The bounds keep
+# a hostile or mistyped config from allocating gigabytes; GroupNorm(8) needs multiples of 8.
+NETWORK_SCHEMA = {"width": (8, 256), "num_classes": (1, 1000), "emb_dim": (1, 1024), "n_freq": (1, 256)}
+MAX_LEVELS, MAX_MULT = 6, 8
+METHODS = ("twinflow", "rcgm", "flow_matching")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_config(config: Any, path: os.PathLike) -> Dict[str, Any]:
+    """Check config.json against the network's schema before anything is built; ValueError
+    naming the key otherwise."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    net = config.get("network")
+    if not isinstance(net, dict):
+        raise ValueError(f"{path}: no 'network' section; not an MNIST checkpoint")
+    unknown = sorted(set(net) - set(NETWORK_SCHEMA) - {"mults"})
+    if unknown:
+        raise ValueError(f"{path}: network: unknown keys {unknown}")
+    for key, (lo, hi) in NETWORK_SCHEMA.items():
+        if key not in net:
+            raise ValueError(f"{path}: network.{key} is missing")
+        v = net[key]
+        if not _is_int(v) or not lo <= v <= hi:
+            raise ValueError(f"{path}: network.{key} must be an int in [{lo}, {hi}], got {v!r}")
+    if net["width"] % 8:
+        raise ValueError(f"{path}: network.width must be a multiple of 8, got {net['width']}")
+    mults = net.get("mults")
+    if (not isinstance(mults, list) or not 1 <= len(mults) <= MAX_LEVELS
+            or not all(_is_int(m) and 1 <= m <= MAX_MULT for m in mults)):
+        raise ValueError(f"{path}: network.mults must be a list of 1 to {MAX_LEVELS} ints in [1, {MAX_MULT}], "
+                         f"got {mults!r}")
+    method = config.get("method")
+    if method not in METHODS:
+        raise ValueError(f"{path}: method must be one of {', '.join(METHODS)}, got {method!r}")
+    return config
 
 
 def read_config(directory: os.PathLike) -> Dict[str, Any]:
@@ -62,15 +106,9 @@ def read_config(directory: os.PathLike) -> Dict[str, Any]:
     path = d / CONFIG_FILE
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint directory {d} does not exist")
-    if not path.is_file() or not (d / MODEL_FILE).is_file():
+    if not path.exists() or not (d / MODEL_FILE).exists():
         raise FileNotFoundError(f"{d} is not an MNIST checkpoint: expected {CONFIG_FILE} and {MODEL_FILE}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if "network" not in config:
-        raise ValueError(f"{path}: no 'network' section; not an MNIST checkpoint")
-    return config
+    return validate_config(_files.read_json(path), path)
 
 
 def load_model(directory: os.PathLike, device="cpu") -> Tuple[MnistUNet, Dict[str, Any]]:
@@ -85,13 +123,14 @@ def load_weights(directory: os.PathLike, model: torch.nn.Module) -> Dict[str, to
     """The checkpoint's sampling weights, checked against `model`'s keys and shapes."""
     path = Path(directory) / MODEL_FILE
     try:
-        weights = load_file(str(path))
+        weights = load_file(str(_files.regular_file(path)))
     except Exception as e:  # safetensors raises its own error types on corrupt files
         raise ValueError(f"{path}: cannot read weights ({e})") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    shapes = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
+              for k in sorted(set(expected) & set(weights)) if expected[k].shape != weights[k].shape]
     if missing or unexpected or shapes:
         raise ValueError(f"{path}: weights do not match the network "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {shapes[:3]})")
@@ -99,9 +138,26 @@ def load_weights(directory: os.PathLike, model: torch.nn.Module) -> Dict[str, to
 
 
 def load_train_state(directory: os.PathLike) -> Optional[Dict[str, torch.Tensor]]:
+    """The resume state, refused when it and config.json come from different saves (a save
+    killed between its renames): resuming from it would not continue the same run."""
+    from safetensors import safe_open
+
     path = Path(directory) / STATE_FILE
-    if not path.is_file():
+    if not path.exists():
         return None
+    config = _files.read_json(Path(directory) / CONFIG_FILE)
+    step = str(config.get("progress", {}).get("step", ""))
+    for f in (path, Path(directory) / MODEL_FILE):
+        try:
+            with safe_open(str(_files.regular_file(f)), framework="pt") as h:
+                saved = (h.metadata() or {}).get("step")
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{f}: cannot read it ({e})") from None
+        if saved is not None and saved != step:
+            raise ValueError(f"{f} holds step {saved} but {CONFIG_FILE} step {step}: the last save was interrupted "
+                             "between its files; resume from a copy of an earlier checkpoint or start over")
     try:
         return load_file(str(path))
     except Exception as e:

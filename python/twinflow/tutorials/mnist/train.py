@@ -259,9 +259,11 @@ def train(settings: TrainSettings, output_dir, data_dir=None, device="cpu", resu
     out.mkdir(parents=True, exist_ok=True)
     status = "running"
     run.model.train()
-    previous = _stop_on_sigterm()
+    stop = _StopRequest()
     try:
         while budget_left():
+            if stop.requested:  # only here, between whole steps: the checkpoint holds no half step
+                raise KeyboardInterrupt(stop.requested)
             if run.perm is None or p["position"] + s.batch_size > n:
                 if run.perm is not None:
                     p["epoch"] += 1
@@ -299,32 +301,49 @@ def train(settings: TrainSettings, output_dir, data_dir=None, device="cpu", resu
                 checkpoint("running")
         status = "finished"
     except KeyboardInterrupt:
-        status = "interrupted"
+        # A second signal forces a stop mid-step: then keep the last periodic checkpoint.
+        status = "interrupted" if not stop.forced else "aborted"
         raise
     finally:
-        _restore_sigterm(previous)
         bar.close()
-        # Not after an error: the weights may be what made the loss non-finite.
-        if status in ("finished", "interrupted"):
-            checkpoint(status)
+        try:
+            # Not after an error: the weights may be what made the loss non-finite.
+            if status in ("finished", "interrupted"):
+                checkpoint(status)
+        finally:
+            stop.restore()  # after the save: a signal during it only sets the flag
     return config(status) | {"resumed": resumed}
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+class _StopRequest:
+    """SIGTERM (a job scheduler, ``kill``) and Ctrl-C ask the loop to stop after the step in
+    progress, which then checkpoints and raises KeyboardInterrupt: a signal never splits a
+    step, so resuming equals an uninterrupted run. A second signal stops at once, without
+    a checkpoint (the previous one stays). Only in the main thread, where Python allows
+    signal handlers; elsewhere the defaults stay."""
 
-
-def _stop_on_sigterm():
-    """SIGTERM (a job scheduler, ``kill``) stops like Ctrl-C: checkpoint, then exit. Only in
-    the main thread, where Python allows signal handlers."""
-    import signal
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_interrupt)
-
-
-def _restore_sigterm(previous) -> None:
-    if previous is not None:
+    def __init__(self):
         import signal
-        signal.signal(signal.SIGTERM, previous)
+        import threading
+
+        self.requested: Optional[str] = None
+        self.forced = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested is not None:
+            self.forced = True
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name} (second)")
+        self.requested = f"signal {signal.Signals(signum).name}"
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
