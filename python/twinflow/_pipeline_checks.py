@@ -18,9 +18,9 @@ __all__ = ["check_components", "PICKLE_SUFFIXES"]
 # Formats that torch/transformers read with pickle; never loaded here.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Where component classes may come from (a saved pipeline names twinflow.scheduler for our
-# scheduler, twinflow.openuni_pipeline or twinflow for OpenUni's parts); diffusers would import
+# scheduler, twinflow.openuni_pipeline for OpenUni's parts); diffusers would import
 # any module named here.
-LIBRARIES = ("diffusers", "transformers", "twinflow.scheduler", "twinflow.openuni_pipeline", "twinflow")
+LIBRARIES = ("diffusers", "transformers", "twinflow.scheduler", "twinflow.openuni_pipeline")
 # A tokenizer needs one of these (fast tokenizer, BPE vocab, sentencepiece, WordPiece).
 VOCAB_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt",
                "sentencepiece.bpe.model")
