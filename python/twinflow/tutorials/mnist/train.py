@@ -132,10 +132,12 @@ class _Run:
             for k, v in self.model.state_dict().items():
                 v.copy_(weights[k])
                 self.ema[k].copy_(weights[k])
+        progress = base.get("progress", {})
         # A base that was itself fine-tuned brings its whole budget along.
-        spent = base.get("total") or {"steps": base.get("progress", {}).get("step", 0), **base.get("progress", {})}
-        return {"path": str(source), "method": base.get("method"), "steps": int(spent.get("steps", 0)),
-                "images": int(spent.get("images", 0)), "elapsed_s": float(spent.get("elapsed_s", 0.0)),
+        spent = base.get("total") or {"steps": progress.get("step", 0), "images": progress.get("images", 0),
+                                      "elapsed_s": progress.get("elapsed_s", 0.0)}
+        return {"path": str(source), "method": base.get("method"), "steps": int(spent["steps"]),
+                "images": int(spent["images"]), "elapsed_s": float(spent["elapsed_s"]),
                 "command": base.get("command")}
 
     def ema_update(self, decay: float) -> None:
@@ -194,7 +196,7 @@ def _init_from(run: _Run, out: Path, s: TrainSettings, resumed: bool) -> Optiona
     source = shipped_checkpoint(s.init_from)
     if source.resolve() == out.resolve():
         raise ValueError(f"--init-from {s.init_from}: that is the output directory itself; "
-                         "to continue a run, run the same command again without --init-from changes")
+                         "a run in it continues by running its own command again")
     if resumed:
         return read_config(out).get("init_from")
     return run.init_from(source)
