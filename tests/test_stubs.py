@@ -1,0 +1,70 @@
+"""The native module's typed surface: a generated `_core.pyi` that matches the build, a
+`py.typed` marker, and a docstring with an example on every public native class and
+function."""
+
+import importlib.resources
+import importlib.util
+import inspect
+from pathlib import Path
+
+import pytest
+
+from twinflow import _core
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stubgen():
+    spec = importlib.util.spec_from_file_location("stubgen", ROOT / ".ci" / "stubgen.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_checked_in_stub_matches_the_built_module():
+    stub = ROOT / "python" / "twinflow" / "_core.pyi"
+    assert stub.read_text() == _stubgen().render(_core), "run `python .ci/stubgen.py` and commit the stub"
+
+
+def test_the_package_ships_its_type_information():
+    pkg = importlib.resources.files("twinflow")
+    assert pkg.joinpath("py.typed").is_file()
+    assert pkg.joinpath("_core.pyi").is_file()
+
+
+def _public():
+    for name in dir(_core):
+        obj = getattr(_core, name)
+        if name.startswith("_") or not (isinstance(obj, type) or callable(obj)):
+            continue
+        yield name, obj
+
+
+@pytest.mark.parametrize("name", [n for n, _ in _public()])
+def test_native_names_have_a_docstring_with_an_example(name):
+    obj = getattr(_core, name)
+    doc = inspect.getdoc(obj) or ""
+    assert "Example" in doc and ">>>" in doc, f"_core.{name} needs a docstring with an example"
+    if isinstance(obj, type):
+        for attr, member in vars(obj).items():
+            if attr.startswith("_"):
+                continue
+            assert inspect.getdoc(member), f"_core.{name}.{attr} has no docstring"
+
+
+@pytest.mark.parametrize("name", [n for n, _ in _public()])
+def test_native_docstring_examples_run(name):
+    import doctest
+
+    import torch
+
+    import twinflow
+
+    obj = getattr(_core, name)
+    members = [obj] + ([m for a, m in vars(obj).items() if not a.startswith("_")] if isinstance(obj, type) else [])
+    finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    globs = {"torch": torch, "twinflow": twinflow, "_core": _core}
+    for member in members:
+        for test in finder.find(member, f"_core.{name}", module=False, globs=dict(globs)):
+            runner.run(test)
+    assert runner.failures == 0, f"an example in _core.{name}'s docstrings fails (see the output above)"
