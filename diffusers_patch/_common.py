@@ -122,4 +122,7 @@ def uninstall(transformer: torch.nn.Module, *, embed_name: str, aux_name: str) -
         del transformer._modules[aux_name]
     transformer.__dict__.pop(PATCH_ATTR, None)
     transformer.__dict__.pop(TT_ATTR, None)
+    # twinflow.saved_format marks a patched instance's __module__ (what diffusers records as
+    # its library when saving); the stock transformer saves as the stock class again
+    transformer.__dict__.pop("__module__", None)
     return transformer

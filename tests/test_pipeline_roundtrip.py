@@ -120,6 +120,7 @@ def test_saved_pipeline_records_what_it_is(model, mode, tmp_path):
     record = {"format": 1, "backbone": model, "mode": mode}
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_twinflow"] == record
+    assert index["transformer"] == ["twinflow.saved_format", MODELS[model].transformer]  # refuses plain loads
     assert json.loads((tmp_path / "transformer" / "config.json").read_text())["_twinflow"] == record
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about: the record says what to expect
@@ -212,6 +213,26 @@ def test_lora_export_loads_with_diffusers_and_twinflow(model, tmp_path):
     expect_error(ValueError, lambda: load_pipeline(base, other, lora=tmp_path / "lora"), contains=(other, model))
 
 
+def test_a_pipeline_saved_with_its_lora(tmp_path):
+    """Saved with the adapter still loaded, the transformer's weights hold peft layers that the
+    stock class would skip (random weights): refused. Fused and unloaded first, it round-trips."""
+    pytest.importorskip("peft")
+    from twinflow import lora_export
+
+    base = tiny_pipelines.saved_pipeline("sd3", "stock")
+    lora_export.save(tmp_path / "lora", _trained_lora("sd3", base).transformer, "online", "sd3")
+    pipe = load(base, lora=tmp_path / "lora")
+    want = latents(pipe, "sd3")
+    pipe.save_pretrained(tmp_path / "unfused")
+    expect_error(ValueError, lambda: load_pipeline(tmp_path / "unfused"), contains=("unfused LoRA", "fuse_lora"))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "fused")
+    again = load(tmp_path / "fused")
+    assert diffusers_patch._common.patched_mode(again.transformer) == "lora"
+    torch.testing.assert_close(latents(again, "sd3"), want, rtol=0, atol=1e-4)
+
+
 def test_lora_errors(tmp_path):
     from twinflow import lora_export
 
@@ -272,3 +293,17 @@ def test_training_loaders_pass_diffusers_the_current_dtype_keyword():
         text = TextEncoder(cfg, family, torch.device("cpu"), torch.bfloat16)
     assert transformer.dtype == vae.dtype == text.pipe.text_encoder.dtype == torch.bfloat16
     assert transformer.config["_twinflow"] == {"format": 1, "backbone": "sd3", "mode": "lora"}
+
+
+def test_the_record_follows_the_transformer_into_from_pipe(tmp_path):
+    """A pipeline made with diffusers' from_pipe around the TwinFlow transformer saves as a
+    TwinFlow pipeline too; unpatched, the transformer saves as the stock class again."""
+    pipe = load(tiny_pipelines.saved_pipeline("sd3", "aux"), "sd3")
+    other = diffusers.StableDiffusion3Pipeline.from_pipe(pipe)
+    other.save_pretrained(tmp_path / "from-pipe")
+    expect_error(ValueError, lambda: diffusers.DiffusionPipeline.from_pretrained(tmp_path / "from-pipe"),
+                 contains="twinflow.load_pipeline")
+    assert isinstance(load(tmp_path / "from-pipe").scheduler, TwinFlowPresetScheduler)
+    diffusers_patch.backbone("sd3").unpatch(pipe.transformer)
+    pipe.transformer = pipe.transformer  # re-registered: the stock class's entry
+    assert pipe.config["transformer"] == ("diffusers", "SD3Transformer2DModel")

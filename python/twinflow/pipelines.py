@@ -94,13 +94,14 @@ def _read_json(path: pathlib.Path) -> dict:
     return _files.read_json(path)
 
 
-def _check_safetensors(path: pathlib.Path) -> None:
+def _check_safetensors(path: pathlib.Path) -> List[str]:
+    """The tensor names of a safetensors file whose header reads."""
     from safetensors import safe_open
 
     _files.regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            f.keys()
+            return list(f.keys())
     except Exception as e:  # SafetensorError, OSError: header or size wrong
         raise ValueError(f"{path}: corrupt or not a safetensors file ({e})") from e
 
@@ -204,7 +205,11 @@ def check_transformer_folder(tdir: pathlib.Path, model: str) -> None:
     elif found != want:
         raise ValueError(f"{config}: the transformer is a {found}, but model={model!r} needs a {want}")
     for f in sorted(tdir.glob("*.safetensors")):
-        _check_safetensors(f)
+        peft = [k for k in _check_safetensors(f) if ".base_layer." in k or ".lora_A." in k or ".lora_B." in k]
+        if peft:  # the stock class would leave those layers randomly initialised, with a log line
+            raise ValueError(f"{f}: holds unfused LoRA layers ({peft[0]}, ...): it was saved with a LoRA loaded; "
+                             "save after pipe.fuse_lora() and pipe.unload_lora_weights(), or load the base with "
+                             "lora=")
     transformer_weight_files(tdir)
 
 
@@ -225,9 +230,9 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str, *, with_tra
                   if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
     if "transformer" not in components:
         raise ValueError(f"{index}: lists no transformer")
-    from .saved_format import LOADER
+    from .saved_format import LIBRARY
 
-    if tuple(components["transformer"]) == LOADER:  # saved by twinflow: transformer/ is a stock folder
+    if components["transformer"][0] == LIBRARY:  # saved by twinflow: transformer/ is a stock folder
         components["transformer"] = ["diffusers", diffusers_patch.backbone(model).transformer_class_name]
     for name in components:
         sub = _files.inside(root, name, "model_index.json")

@@ -7,11 +7,16 @@ pipeline ``twinflow train`` exports) carries, under the key ``_twinflow``::
 
 in ``transformer/config.json`` (a ``register_to_config`` entry of the transformer: diffusers
 passes keys starting with "_" through without complaint) and in ``model_index.json``. There,
-the transformer entry also names :class:`TwinFlowTransformer` of this module instead of the
-stock class: ``DiffusionPipeline.from_pretrained`` would otherwise load the stock transformer
-without the TwinFlow target-time conditioning (a different model, with only a warning about
-unexpected weights), so it refuses with an error that says how to load the folder.
-``transformer/`` itself stays a stock diffusers model folder.
+the transformer entry names this module as the library (``["twinflow.saved_format",
+"SD3Transformer2DModel"]``): ``DiffusionPipeline.from_pretrained`` would otherwise load the
+stock transformer without the TwinFlow target-time conditioning (a different model, with only
+a warning about unexpected weights); the class it finds here refuses with an error that says
+how to load the folder. ``transformer/`` itself stays a stock diffusers model folder.
+
+The entry comes from the transformer itself: ``mark_pipeline`` gives the patched instance this
+module as its ``__module__`` (an instance attribute; its class is untouched), which is what
+diffusers' ``register_modules`` records, so the entry follows the transformer into
+``from_pipe`` pipelines and through ``pipe.transformer = ...``.
 
 ``format`` is the version of this layout; a newer one than this twinflow knows is refused.
 """
@@ -31,9 +36,10 @@ __all__ = ["FORMAT_VERSION", "KEY", "TwinFlowTransformer", "make_record", "check
 
 FORMAT_VERSION = 1
 KEY = "_twinflow"
-#: model_index.json's transformer entry of a saved TwinFlow pipeline
-LOADER = (__name__, "TwinFlowTransformer")
+#: the library of a saved TwinFlow pipeline's transformer entry in model_index.json
+LIBRARY = __name__
 _MODES = ("aux", "lora")
+_REFUSERS: dict = {}
 
 
 class TwinFlowTransformer(ModelMixin, ConfigMixin):
@@ -47,6 +53,18 @@ class TwinFlowTransformer(ModelMixin, ConfigMixin):
         raise ValueError(f"{where}: a TwinFlow transformer (saved by twinflow): plain diffusers would load it "
                          "without its target-time conditioning, a different model. Load the pipeline with "
                          "twinflow.load_pipeline(path) (pip install twinflow)")
+
+
+def __getattr__(name: str):
+    """The stand-in of a registered backbone's transformer class (model_index.json names
+    ``[LIBRARY, "<stock class>"]``): a TwinFlowTransformer subclass of that name."""
+    import diffusers_patch
+
+    if name not in {b.transformer_class_name for b in diffusers_patch.backbones().values()}:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _REFUSERS:
+        _REFUSERS[name] = type(name, (TwinFlowTransformer,), {"__module__": __name__})
+    return _REFUSERS[name]
 
 
 def make_record(model: str, mode: str) -> dict:
@@ -81,8 +99,11 @@ def mark_pipeline(pipe, model: str, mode: str) -> None:
     """Record (model, mode) in the pipeline's and its transformer's configs, so that
     ``save_pretrained`` writes a self-describing folder (see the module doc)."""
     record = make_record(model, mode)
-    pipe.transformer.register_to_config(**{KEY: record})
-    pipe.register_to_config(**{KEY: record, "transformer": LOADER})
+    transformer = pipe.transformer
+    transformer.register_to_config(**{KEY: record})
+    object.__setattr__(transformer, "__module__", LIBRARY)  # diffusers_patch's unpatch removes it
+    pipe.register_modules(transformer=transformer)  # the model_index entry: [LIBRARY, class name]
+    pipe.register_to_config(**{KEY: record})
 
 
 def mark_model_index(path: pathlib.Path, model: str, mode: str) -> None:
@@ -91,8 +112,10 @@ def mark_model_index(path: pathlib.Path, model: str, mode: str) -> None:
     import json
 
     index = _files.read_json(path)
+    import diffusers_patch
+
     index[KEY] = make_record(model, mode)
-    index["transformer"] = list(LOADER)
+    index["transformer"] = [LIBRARY, diffusers_patch.backbone(model).transformer_class_name]
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
