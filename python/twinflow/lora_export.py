@@ -30,12 +30,18 @@ import diffusers_patch
 from . import _files
 from .saved_format import check_record, make_record
 
-__all__ = ["WEIGHT_NAME", "RECORD_NAME", "ADAPTER_NAME", "save", "read", "load_into"]
+__all__ = ["WEIGHT_NAME", "RECORD_NAME", "ADAPTER_NAME", "supported", "save", "read", "load_into"]
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default name
 RECORD_NAME = "twinflow_lora.json"
 #: the adapter name ``load_pipeline(..., lora=)`` gives the loaded LoRA
 ADAPTER_NAME = "twinflow"
+
+
+def supported(model: str) -> bool:
+    """Whether the backbone's pipeline class has diffusers' LoRA loader (all stock pipelines
+    here; not OpenUni's own pipeline)."""
+    return hasattr(diffusers_patch.backbone(model).pipeline_class(), "save_lora_weights")
 
 
 def save(folder: Union[str, os.PathLike], transformer: torch.nn.Module, adapter_name: str, model: str) -> pathlib.Path:
@@ -45,7 +51,7 @@ def save(folder: Union[str, os.PathLike], transformer: torch.nn.Module, adapter_
 
     bb = diffusers_patch.backbone(model)
     cls = bb.pipeline_class()
-    if not hasattr(cls, "save_lora_weights"):
+    if not supported(model):
         raise ValueError(f"{bb.name}: {cls.__name__} has no diffusers LoRA loader; keep the merged export instead")
     folder = pathlib.Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in

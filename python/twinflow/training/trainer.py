@@ -413,7 +413,8 @@ class Trainer:
         the trained transformer in the published layout (aux keys inside its safetensors; LoRA
         merged into the weights), recording backbone and mode (``twinflow.saved_format``: it
         loads with ``twinflow.load_pipeline(path)``); for LoRA also ``<output>/lora``, the
-        adapter in diffusers' LoRA layout (``twinflow.lora_export``)."""
+        adapter in diffusers' LoRA layout (``twinflow.lora_export``), where the pipeline class
+        has diffusers' LoRA loader (not OpenUni)."""
         from .. import lora_export
         from ..saved_format import mark_model_index
 
@@ -437,7 +438,7 @@ class Trainer:
             mark_model_index(tmp / "model_index.json", self.family.name, "lora" if self.lora else "aux")
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
-            if self.lora:
+            if self.lora and lora_export.supported(self.family.name):  # OpenUni: the merged export only
                 shutil.rmtree(self.out / "lora", ignore_errors=True)
                 lora_export.save(self.out / "lora", transformer, ONLINE_ADAPTER, self.family.name)
         self.d.barrier()
