@@ -18,6 +18,8 @@ backbone is adding its module and one line here.
 from __future__ import annotations
 
 import importlib
+import weakref
+
 import torch
 
 from typing import Dict
@@ -71,10 +73,15 @@ def patch(transformer: torch.nn.Module, model: str, mode: str = "aux") -> torch.
 
 def set_target_time(transformer: torch.nn.Module, tt) -> None:
     """Point a patched transformer at the target time tt (t units: 1 = noise, 0 = data): a
-    tensor, or a TwinFlowScheduler (then its current ``tt`` is read at every call, which
-    follows the scheduler across devices); None restores tt = t."""
+    tensor; a TwinFlowScheduler (its current ``tt`` is read at every call, which follows the
+    scheduler across devices); or a pipeline (held weakly): then the scheduler the pipeline
+    holds *at call time* is read, so ``pipe.scheduler = TwinFlowScheduler.from_config(...)``
+    needs no rewiring, and a stock scheduler there means tt = t. None restores tt = t."""
     if not is_patched(transformer):
         raise ValueError("set_target_time: the transformer is not patched (call diffusers_patch.patch first)")
-    if not (tt is None or isinstance(tt, torch.Tensor) or isinstance(getattr(tt, "tt", None), torch.Tensor)):
-        raise TypeError(f"tt must be a torch.Tensor, a scheduler with a `tt` tensor, or None; got {type(tt).__name__}")
+    if tt is not None and not isinstance(tt, torch.Tensor) and not isinstance(getattr(tt, "tt", None), torch.Tensor):
+        if not (hasattr(tt, "scheduler") and hasattr(tt, "transformer")):
+            raise TypeError(f"tt must be a torch.Tensor, a scheduler with a `tt` tensor, a pipeline or None; "
+                            f"got {type(tt).__name__}")
+        tt = weakref.ref(tt)
     object.__setattr__(transformer, TT_ATTR, tt)

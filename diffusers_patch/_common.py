@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from typing import Callable, Dict, Optional
 
 import torch
 
 # Attribute of a patched transformer: the tt tensor (t units, 1 = noise), an object with a
-# `tt` tensor attribute (a TwinFlowScheduler), or None (tt = t).
+# `tt` tensor attribute (a TwinFlowScheduler), a weak reference to a pipeline (its scheduler
+# *at call time* is the source, so `pipe.scheduler = ...` rewires), or None (tt = t).
 # Set with object.__setattr__ so that a tensor is not registered as a buffer (no state-dict key).
 TT_ATTR = "_twinflow_tt"
 # Attribute recording (model, mode) of a patched transformer.
@@ -20,11 +22,27 @@ def is_patched(transformer: torch.nn.Module) -> bool:
     return getattr(transformer, PATCH_ATTR, None) is not None
 
 
+def _pipeline_scheduler(ref: "weakref.ref"):
+    pipe = ref()
+    if pipe is None:  # weak: the transformer must not keep its pipeline alive
+        raise ValueError("the TwinFlow transformer is wired to a pipeline that no longer exists; wire it again "
+                         "with diffusers_patch.set_target_time(transformer, pipe)")
+    sched = getattr(pipe, "scheduler", None)
+    # A stock scheduler has no target time: tt = t, the stock model (SPEC §4).
+    return sched if isinstance(getattr(sched, "tt", None), torch.Tensor) else None
+
+
 def target_time(transformer: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
     """tt broadcast to the shape of `t` ([B], t units), or `t` itself when no tt is set.
-    The source is a tensor, or an object whose `tt` attribute is one (read at every call)."""
+    The source is a tensor, an object whose `tt` attribute is one, or a pipeline whose current
+    scheduler is such an object (all read at every call)."""
     tt = getattr(transformer, TT_ATTR, None)
+    if isinstance(tt, weakref.ref):
+        tt = _pipeline_scheduler(tt)
     if tt is not None and not isinstance(tt, torch.Tensor):
+        note = getattr(tt, "_note_tt_read", None)
+        if note is not None:  # lets a TwinFlowScheduler's step check that its own tt was read
+            note()
         tt = tt.tt
     if tt is None:
         return t
@@ -104,4 +122,7 @@ def uninstall(transformer: torch.nn.Module, *, embed_name: str, aux_name: str) -
         del transformer._modules[aux_name]
     transformer.__dict__.pop(PATCH_ATTR, None)
     transformer.__dict__.pop(TT_ATTR, None)
+    # twinflow.saved_format marks a patched instance's __module__ (what diffusers records as
+    # its library when saving); the stock transformer saves as the stock class again
+    transformer.__dict__.pop("__module__", None)
     return transformer

@@ -113,7 +113,7 @@ def test_load_installs_a_wired_preset_scheduler_and_nfe_per_step_count(model):
     assert type(pipe).__name__ == MODELS[model].pipeline
     assert isinstance(pipe.scheduler, TwinFlowPresetScheduler) and isinstance(pipe.scheduler, TwinFlowScheduler)
     assert diffusers_patch.is_patched(pipe.transformer)
-    assert getattr(pipe.transformer, TT_ATTR) is pipe.scheduler
+    assert getattr(pipe.transformer, TT_ATTR)() is pipe, "wired (weakly) to the pipeline: its scheduler at call time"
     calls = Calls(pipe)
     for steps in (1, 2, 4, 3):
         calls.seen.clear()
@@ -203,8 +203,10 @@ def test_aux_keys_round_trip_through_save_pretrained(model, tmp_path):
     for k, v in aux_state(pipe.transformer, model).items():
         assert torch.equal(aux_state(again.transformer, model)[k], v), k
     assert torch.equal(generate(again, model, 2), want)
-    # the stock loader restores our scheduler class from the saved folder
-    assert type(diffusers.DiffusionPipeline.from_pretrained(tmp_path).scheduler) is TwinFlowPresetScheduler
+    # the saved scheduler loads back as our class; the whole pipeline only through twinflow
+    assert type(TwinFlowPresetScheduler.from_pretrained(tmp_path / "scheduler")) is TwinFlowPresetScheduler
+    expect_error(ValueError, lambda: diffusers.DiffusionPipeline.from_pretrained(tmp_path),
+                 contains="twinflow.load_pipeline")
 
 
 @pytest.mark.parametrize("model", ALL)

@@ -643,10 +643,28 @@ def test_zero_steps(n):
     expect_error(ValueError, lambda: s.set_timesteps(n), contains=(("sampling_steps", "num_inference_steps"),))
 
 
-def test_pipeline_grid_needs_sigmas():
+@pytest.mark.parametrize("stock_kw,mu", [({}, None), ({"shift": 3.0}, None),
+                                         ({"use_dynamic_shifting": True, "time_shift_type": "exponential"}, 0.8)],
+                         ids=["default", "shift-3", "dynamic"])
+def test_pipeline_grid_without_sigmas_is_the_stock_schedule(stock_kw, mu):
+    """A pipeline that passes no sigmas (StableDiffusion3Pipeline) gets the sigmas the stock
+    FlowMatchEuler scheduler of the same config would run for that step count."""
+    stock = FlowMatchEulerDiscreteScheduler(**stock_kw)
+    s = TwinFlowScheduler.from_config(stock.config, time_grid="pipeline")
+    for n in (1, 4, 7):
+        stock.set_timesteps(n, mu=mu)
+        s.set_timesteps(n, mu=mu)
+        assert torch.equal(s.sigmas, stock.sigmas.to(torch.float32)), n
+        torch.testing.assert_close(s.timesteps, stock.timesteps.to(torch.float32), rtol=0, atol=1e-3)
+
+
+def test_pipeline_grid_without_sigmas_needs_a_step_count():
     s = TwinFlowScheduler(time_grid="pipeline")
-    expect_error(ValueError, lambda: s.set_timesteps(4), contains="sigmas")
-    expect_error(ValueError, lambda: s.set_timesteps(4, mu=0.5), contains="sigmas")
+    expect_error(ValueError, lambda: s.set_timesteps(), contains="num_inference_steps")
+    expect_error(ValueError, lambda: s.set_timesteps(0), contains="num_inference_steps")
+    dynamic = TwinFlowScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config,
+                                            time_grid="pipeline")
+    expect_error(ValueError, lambda: dynamic.set_timesteps(4), contains="mu")
 
 
 @pytest.mark.parametrize(

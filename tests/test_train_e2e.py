@@ -14,7 +14,8 @@ What is checked:
 3. the same with FSDP2 (``fully_shard``), to float tolerance; an FSDP2 run resumed from its
    step-1 checkpoint equals the uninterrupted one bit for bit;
 4. LoRA (peft adapters, teacher = "old adapter") under DDP against one process, same way;
-   the merged export loads with mode="lora";
+   the merged export records mode "lora" (loading it as "aux" is an error), and the adapter
+   in diffusers' LoRA layout on the base gives the merged export's image;
 5. Qwen-Image on precomputed latents + text embeddings (variable lengths, padded);
 6. SIGKILL mid-run, ``--resume auto``: the result equals an uninterrupted run, and a folder
    without the completion marker is never loaded;
@@ -191,7 +192,9 @@ def test_single_process_full(env, single):
 def test_exported_pipeline_generates_with_2_nfe(single):
     import twinflow
 
-    pipe = twinflow.load_pipeline(single / "pipeline", model="sd3")
+    pipe = twinflow.load_pipeline(single / "pipeline")  # the export records model and mode
+    with pytest.raises(ValueError, match="mode"):
+        twinflow.load_pipeline(single / "pipeline", mode="lora")
     trained = _weights(single / "checkpoints" / "step-000002")
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(v, trained[k]), k  # aux keys included
@@ -270,6 +273,14 @@ def test_lora_ddp_matches_one_process(env):
     img = pipe("x", num_inference_steps=2, height=16, width=16, output_type="pt",
                generator=torch.Generator().manual_seed(0)).images
     assert torch.isfinite(img).all()
+    # the export records LoRA mode (loading it as aux is an error), and the adapter alone is
+    # written in diffusers' LoRA layout: on the base it gives the merged model's image
+    with pytest.raises(ValueError, match="mode"):
+        twinflow.load_pipeline(one / "pipeline", mode="aux")
+    adapter = twinflow.load_pipeline(env["sd3"], lora=one / "lora")
+    again = adapter("x", num_inference_steps=2, height=16, width=16, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(again, img, rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- 5. Qwen-Image, precomputed

@@ -47,7 +47,8 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance (true_cfg_scale for Qwen-Image); 1 = off, as TwinFlow models run")
-    p.add_argument("--mode", choices=("aux", "lora"), default="aux", help="target-time conditioning (SPEC §4)")
+    p.add_argument("--mode", choices=("aux", "lora"), default=None,
+                   help="target-time conditioning (SPEC §4); default: what the checkpoint records, else aux")
     p.add_argument("--output-dir", type=pathlib.Path, default=pathlib.Path("out/generate"),
                    help="where {prompt:03d}-{image:02d}.png and .json go (created if missing)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -104,7 +105,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     dtype = ({"cuda": torch.bfloat16}.get(device.type, torch.float32) if args.dtype == "auto"
              else getattr(torch, args.dtype))
     try:
-        pipe = load_pipeline(args.model_path, args.model, torch_dtype=dtype, device=device, mode=args.mode,
+        pipe = load_pipeline(args.model_path, args.model, dtype=dtype, device=device, mode=args.mode,
                              transformer=args.transformer, subfolder=args.subfolder, revision=args.revision)
     except FileNotFoundError as e:  # the registry reports ValueError as a one-line error
         raise ValueError(str(e)) from e
@@ -118,7 +119,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         "command": "generate", "model": args.model,
         "model_path": _describe(args.model_path), "subfolder": args.subfolder, "revision": args.revision,
         "transformer": None if args.transformer is None else _describe(args.transformer),
-        "mode": args.mode, "steps": args.steps,
+        "mode": pipe.config["_twinflow"]["mode"], "steps": args.steps,
         "height": args.height, "width": args.width, "seed": args.seed, "num_images": args.num_images,
         "negative_prompt": extra.get("negative_prompt"), "guidance_scale": args.guidance_scale,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),

@@ -239,7 +239,8 @@ class OpenUniPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pth(cls, pth: Union[str, os.PathLike], *, text_encoder, tokenizer, vae, transformer_config,
-                 scheduler=None, connector_config: Optional[dict] = None, torch_dtype=None) -> "OpenUniPipeline":
+                 scheduler=None, connector_config: Optional[dict] = None, dtype=None,
+                 torch_dtype=None) -> "OpenUniPipeline":
         """Build the pipeline from the published base weights (one ``.pth``: meta-queries,
         connector, projector, Sana) and the components it does not hold.
 
@@ -252,7 +253,11 @@ class OpenUniPipeline(DiffusionPipeline):
             transformer_config: the Sana transformer's ``config.json`` (a dict, the file, or its folder).
             scheduler: default a ``FlowMatchEulerDiscreteScheduler`` (``load_pipeline`` installs TwinFlow's).
             connector_config: default the published one (``diffusers_patch.openuni.CONNECTOR_CONFIG``).
+            dtype: cast the pipeline to it (``torch_dtype``: its older name).
         """
+        from .pipelines import resolve_dtype_args
+
+        dtype = resolve_dtype_args(dtype, torch_dtype)
         from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
         from transformers import AutoTokenizer
 
@@ -281,8 +286,8 @@ class OpenUniPipeline(DiffusionPipeline):
         pipe = cls(text_encoder=text_encoder, tokenizer=tokenizer, meta_queries=meta, connector=connector,
                    projector=projector, transformer=transformer, vae=vae,
                    scheduler=scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler())
-        if torch_dtype is not None:
-            pipe.to(torch_dtype)
+        if dtype is not None:
+            pipe.to(dtype)
         return pipe
 
 
@@ -415,12 +420,16 @@ def load_language_model(source):
 
 # ----------------------------------------------------------------------------- load_pipeline
 
-def load_openuni_pipeline(path, *, torch_dtype=None, transformer: Optional[nn.Module] = None,
+def load_openuni_pipeline(path, *, dtype=None, torch_dtype=None, transformer: Optional[nn.Module] = None,
                           **pth_components) -> OpenUniPipeline:
     """``twinflow.load_pipeline(pth, model="openuni", ...)``'s reading step for the published
     ``.pth``: ``text_encoder``, ``tokenizer``, ``vae`` and ``transformer_config`` are required (see
     :meth:`OpenUniPipeline.from_pth`); `transformer` (a loaded SanaTransformer2DModel, e.g. a
-    TwinFlow one) replaces the base transformer. Returns the unpatched pipeline."""
+    TwinFlow one) replaces the base transformer. `torch_dtype` is `dtype`'s older name.
+    Returns the unpatched pipeline."""
+    from .pipelines import resolve_dtype_args
+
+    dtype = resolve_dtype_args(dtype, torch_dtype)
     p = pathlib.Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such OpenUni weights file")
@@ -434,6 +443,6 @@ def load_openuni_pipeline(path, *, torch_dtype=None, transformer: Optional[nn.Mo
     pipe = OpenUniPipeline.from_pth(p, **pth_components)
     if transformer is not None:
         pipe.register_modules(transformer=transformer)
-    if torch_dtype is not None:
-        pipe.to(torch_dtype)
+    if dtype is not None:
+        pipe.to(dtype)
     return pipe

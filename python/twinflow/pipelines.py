@@ -1,6 +1,6 @@
 """Loading TwinFlow checkpoints into stock diffusers pipelines.
 
-    pipe = twinflow.load_pipeline("TwinFlow-Qwen-Image", model="qwen-image", torch_dtype=torch.bfloat16,
+    pipe = twinflow.load_pipeline("TwinFlow-Qwen-Image", model="qwen-image", dtype=torch.bfloat16,
                                   device="cuda")
     image = pipe("a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
 
@@ -11,8 +11,11 @@ cache — optionally with the transformer from another folder (``transformer=``,
 published training writes: the transformer alone), with the stock pipeline class, patches the
 transformer with ``diffusers_patch`` (SPEC §4), loads the aux target-time embedder from the
 transformer's safetensors (keys the stock class does not know, so diffusers skips them) and
-installs a ``TwinFlowPresetScheduler`` wired to the transformer: each pipeline call gets the
-published preset of its own ``num_inference_steps`` (``twinflow.scheduler.preset_for_steps``).
+installs a ``TwinFlowPresetScheduler``: each pipeline call gets the published preset of its own
+``num_inference_steps`` (``twinflow.scheduler.preset_for_steps``). The transformer is wired to
+the pipeline, so it reads the target time from whichever scheduler the pipeline holds when it
+is called. What twinflow saves records backbone and mode (``twinflow.saved_format``), so
+``load_pipeline(saved_folder)`` needs neither.
 """
 
 from __future__ import annotations
@@ -60,15 +63,16 @@ MODELS: Dict[str, ModelSpec] = {
 
 # ----------------------------------------------------------------------------- checks
 
-def resolve_dtype(dtype) -> Optional[torch.dtype]:
-    """None, a torch.dtype, or its name ("float32", "bfloat16", "float16", "fp16", "bf16")."""
+def resolve_dtype(dtype, name: str = "dtype") -> Optional[torch.dtype]:
+    """None, a torch.dtype, or its name ("float32", "bfloat16", "float16", "fp16", "bf16");
+    `name` is the argument's name for the error message."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if isinstance(dtype, str) and dtype.lower() in names:
         return names[dtype.lower()]
-    raise ValueError(f"torch_dtype: expected a torch.dtype or one of {sorted(names)}, got {dtype!r}")
+    raise ValueError(f"{name}: expected a torch.dtype or one of {sorted(names)}, got {dtype!r}")
 
 
 def resolve_device(device) -> Optional[torch.device]:
@@ -90,13 +94,14 @@ def _read_json(path: pathlib.Path) -> dict:
     return _files.read_json(path)
 
 
-def _check_safetensors(path: pathlib.Path) -> None:
+def _check_safetensors(path: pathlib.Path) -> List[str]:
+    """The tensor names of a safetensors file whose header reads."""
     from safetensors import safe_open
 
     _files.regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            f.keys()
+            return list(f.keys())
     except Exception as e:  # SafetensorError, OSError: header or size wrong
         raise ValueError(f"{path}: corrupt or not a safetensors file ({e})") from e
 
@@ -200,7 +205,11 @@ def check_transformer_folder(tdir: pathlib.Path, model: str) -> None:
     elif found != want:
         raise ValueError(f"{config}: the transformer is a {found}, but model={model!r} needs a {want}")
     for f in sorted(tdir.glob("*.safetensors")):
-        _check_safetensors(f)
+        peft = [k for k in _check_safetensors(f) if ".base_layer." in k or ".lora_A." in k or ".lora_B." in k]
+        if peft:  # the stock class would leave those layers randomly initialised, with a log line
+            raise ValueError(f"{f}: holds unfused LoRA layers ({peft[0]}, ...): it was saved with a LoRA loaded; "
+                             "save after pipe.fuse_lora() and pipe.unload_lora_weights(), or load the base with "
+                             "lora=")
     transformer_weight_files(tdir)
 
 
@@ -221,6 +230,10 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str, *, with_tra
                   if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
     if "transformer" not in components:
         raise ValueError(f"{index}: lists no transformer")
+    from .saved_format import LIBRARY
+
+    if components["transformer"][0] == LIBRARY:  # saved by twinflow: transformer/ is a stock folder
+        components["transformer"] = ["diffusers", diffusers_patch.backbone(model).transformer_class_name]
     for name in components:
         sub = _files.inside(root, name, "model_index.json")
         if name == "transformer":
@@ -270,19 +283,27 @@ def read_aux_weights(transformer_dir: Union[str, os.PathLike], prefix: str) -> D
     return out
 
 
-def load_aux_weights(transformer: torch.nn.Module, model: str, aux: Dict[str, torch.Tensor], source: str) -> None:
+def load_aux_weights(transformer: torch.nn.Module, model: str, aux: Dict[str, torch.Tensor], source: str, *,
+                     recorded: bool = False) -> None:
     """Copy aux weights into a patched transformer (trained weights always win); warn and keep
     the backbone's published initialisation when `aux` is empty; ValueError on missing, unknown
-    or mis-shaped keys."""
+    or mis-shaped keys. `recorded`: the checkpoint records its mode (``twinflow.saved_format``),
+    so aux weights that do not fit it are an error, not a warning."""
     bb = diffusers_patch.backbone(model)
     prefix = bb.aux_prefix
     state = transformer.state_dict()
     expected = {k for k in state if k.startswith(prefix)}
     if not expected:  # LoRA mode: no second embedder
+        if aux and recorded:
+            raise ValueError(f"{source}: recorded as a LoRA-mode checkpoint, but holds {len(aux)} aux target-time "
+                             f"weights ({prefix}*)")
         if aux:
             warnings.warn(f"{source}: {len(aux)} aux target-time weights ({prefix}*) ignored in LoRA mode",
                           stacklevel=3)
         return
+    if not aux and recorded:
+        raise ValueError(f"{source}: recorded as an aux-mode checkpoint, but holds no aux target-time weights "
+                         f"({prefix}*): it was re-saved without them (e.g. by the stock transformer class)")
     if not aux:
         warnings.warn(f"{source}: no aux target-time weights ({prefix}*) in the checkpoint; initialised them as "
                       f"{bb.aux_init_text} (the published initialisation, not trained weights)", stacklevel=3)
@@ -316,27 +337,81 @@ def _aux_keys_expected(cls, prefix: str):
 
 # ----------------------------------------------------------------------------- loading
 
-def _dtype_keyword() -> str:
-    # diffusers renamed from_pretrained's torch_dtype to dtype (the old name warns from 0.42 on).
+def dtype_kwargs(dtype: Optional[torch.dtype]) -> dict:
+    """The dtype keyword for diffusers' from_pretrained: ``dtype`` from diffusers 0.42 on (where
+    ``torch_dtype`` warns), ``torch_dtype`` before; {} for None."""
     import diffusers
     from packaging.version import Version
 
-    return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+    if dtype is None:
+        return {}
+    return {"dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype": dtype}
 
 
-def _transformer_folder(transformer, model: str) -> pathlib.Path:
+def _transformer_folder(transformer) -> pathlib.Path:
     """The folder of a `transformer=` path: a transformer folder (config.json), or a pipeline
-    folder / Hub repo holding one under transformer/."""
+    folder / Hub repo holding one under transformer/ (checked with check_transformer_folder)."""
     root = resolve_model_path(transformer)
     if not (root / "config.json").is_file() and (root / "transformer" / "config.json").is_file():
         root = root / "transformer"
-    check_transformer_folder(root, model)
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"{root / 'config.json'}: missing")
     return root
 
 
-def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None, device=None, mode: str = "aux",
-                  scheduler: Optional[TwinFlowScheduler] = None,
+def resolve_dtype_args(dtype, torch_dtype):
+    """`dtype`, or its older name `torch_dtype` (diffusers 0.42 renamed it); both: they must agree."""
+    if torch_dtype is None:
+        return resolve_dtype(dtype)
+    old = resolve_dtype(torch_dtype, "torch_dtype")
+    if dtype is not None and resolve_dtype(dtype) != old:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree: pass only dtype "
+                         "(torch_dtype is its older name)")
+    return old
+
+
+def _module_record(module: torch.nn.Module, source: str) -> Optional[dict]:
+    from diffusers_patch._common import patched_mode
+
+    from .saved_format import KEY, check_record
+
+    config = getattr(module, "config", None)
+    record = check_record(config.get(KEY) if hasattr(config, "get") else None, source)
+    mode = patched_mode(module)
+    if record is not None and mode is not None and mode != record["mode"]:
+        raise ValueError(f"{source}: patched in mode {mode!r}, but its config records mode {record['mode']!r}")
+    return record
+
+
+def _resolve_model_mode(model: Optional[str], mode: Optional[str], records: List[Tuple[Optional[dict], str]]
+                        ) -> Tuple[str, str, bool]:
+    """(model, mode, recorded) from the explicit arguments and what the files record; any
+    disagreement is a ValueError naming both."""
+    found = [(r, src) for r, src in records if r is not None]
+    for (a, sa), (b, sb) in zip(found, found[1:]):
+        if a != b:
+            raise ValueError(f"{sa} records {a['backbone']} in mode {a['mode']!r}, but {sb} records "
+                             f"{b['backbone']} in mode {b['mode']!r}")
+    if model is not None:
+        model = diffusers_patch.canonical_name(model)
+    if found:
+        rec, src = found[0]
+        if model is not None and model != rec["backbone"]:
+            raise ValueError(f"model={model!r}, but {src} is a TwinFlow {rec['backbone']} checkpoint")
+        if mode is not None and mode != rec["mode"]:
+            raise ValueError(f"mode={mode!r}, but {src} was saved in mode {rec['mode']!r}: loading it in another "
+                             "mode gives a different model; leave mode out to use the recorded one")
+        return rec["backbone"], rec["mode"], True
+    if model is None:
+        raise ValueError("model: required (one of " + ", ".join(sorted(diffusers_patch.MODELS)) + "), since "
+                         "nothing here records it (only pipelines saved by twinflow do)")
+    return model, mode or "aux", False
+
+
+def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *, dtype=None, torch_dtype=None,
+                  device=None, mode: Optional[str] = None, scheduler: Optional[TwinFlowScheduler] = None,
                   transformer: Union[None, str, os.PathLike, torch.nn.Module] = None,
+                  lora: Union[None, str, os.PathLike] = None,
                   subfolder: Optional[str] = None, revision: Optional[str] = None, **parts):
     """Load a TwinFlow checkpoint into the stock diffusers pipeline of `model`.
 
@@ -344,14 +419,23 @@ def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None
         path: a local diffusers pipeline folder, or a Hugging Face Hub repo id ("org/repo",
             resolved through huggingface_hub's cache; HF_HUB_OFFLINE=1 reads the cache only).
         model: a registered backbone: "qwen-image", "z-image", "sd3", "sana" or "openuni".
-        torch_dtype: a torch dtype or its name; None loads float32 (diffusers' default).
+            Optional for what twinflow saved (``save_pretrained`` of a pipeline loaded here,
+            ``twinflow train``'s export, a LoRA given as `lora`): that records it
+            (``twinflow.saved_format``); an explicit value that contradicts it is a ValueError.
+        dtype: a torch dtype or its name; None loads float32 (diffusers' default).
+            ``torch_dtype`` is accepted as its older name.
         device: where to move the pipeline ("cpu", "cuda", "auto", a torch.device); None keeps CPU.
         mode: "aux" (second target-time embedder, weights from the checkpoint) or "lora" (SPEC §4).
+            Default: the recorded mode, "lora" with `lora`, else "aux"; a value that contradicts
+            the record is a ValueError.
         scheduler: a TwinFlowScheduler to install; default a :class:`TwinFlowPresetScheduler`.
         transformer: the TwinFlow transformer, when `path` is only the base pipeline: a
             transformer folder (what the published training and our checkpoints write:
             config.json + safetensors), a pipeline folder or Hub repo id holding one under
             transformer/, or an already loaded transformer module (patched or not).
+        lora: a TwinFlow LoRA in diffusers' layout (``twinflow.lora_export``: a folder with
+            ``pytorch_lora_weights.safetensors``), loaded with the pipeline's own
+            ``load_lora_weights`` onto the base `path` (mode "lora").
         subfolder: the pipeline folder inside `path` (e.g. a repo holding several).
         revision: the Hub revision (branch, tag or commit) of a repo id.
         **parts: for a backbone whose ``Backbone`` has ``load_from_parts`` (OpenUni): `path` may be
@@ -359,27 +443,61 @@ def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None
             (``text_encoder``, ``tokenizer``, ``vae``, ``transformer_config``).
 
     Returns the pipeline with ``pipe.scheduler`` the TwinFlow scheduler and ``pipe.transformer``
-    patched and wired to it. Missing files raise FileNotFoundError, everything else that is
-    wrong with the folder or the arguments ValueError.
+    patched and wired to the pipeline: it reads the target time from whatever scheduler
+    ``pipe.scheduler`` is at call time (``pipe.scheduler = TwinFlowScheduler.from_config(...)``
+    works as in diffusers). ``save_pretrained`` of it writes a folder that records backbone and
+    mode (``twinflow.saved_format``). Missing files raise FileNotFoundError, everything else
+    that is wrong with the folder or the arguments ValueError.
     """
-    if mode not in ("aux", "lora"):
+    from . import lora_export, saved_format
+
+    if mode is not None and mode not in ("aux", "lora"):
         raise ValueError(f'mode: expected "aux" or "lora", got {mode!r}')
     if scheduler is not None and not isinstance(scheduler, TwinFlowScheduler):
         raise ValueError(f"scheduler: expected a TwinFlowScheduler, got {type(scheduler).__name__}")
     if not (transformer is None or isinstance(transformer, (str, os.PathLike, torch.nn.Module))):
         raise ValueError(f"transformer: expected a folder, a Hub repo id or a transformer module, "
                          f"got {type(transformer).__name__}")
-    bb = diffusers_patch.backbone(model)
-    model = bb.name
-    dtype = resolve_dtype(torch_dtype)
+    if lora is not None and transformer is not None:
+        raise ValueError("lora and transformer: give one (a LoRA applies to the base pipeline's transformer)")
+    dtype = resolve_dtype_args(dtype, torch_dtype)
     dev = resolve_device(device)
+    records: List[Tuple[Optional[dict], str]] = []
+    lora_file = None
+    if lora is not None:
+        lora_file, lora_record = lora_export.read(lora)
+        records.append((lora_record, str(lora_file.parent / lora_export.RECORD_NAME)))
+        if mode == "aux":
+            raise ValueError(f"mode='aux', but lora={str(lora)!r}: a TwinFlow LoRA is trained in mode 'lora'")
+        mode = "lora"
+    if isinstance(transformer, torch.nn.Module):
+        records.append((_module_record(transformer, f"transformer={type(transformer).__name__}"),
+                        f"transformer={type(transformer).__name__}"))
     if parts or (isinstance(path, (str, os.PathLike)) and pathlib.Path(path).expanduser().is_file()):
         if subfolder is not None or revision is not None:
             raise ValueError("subfolder / revision: apply to pipeline folders and Hub repo ids, not to a weights file")
-        return _load_from_parts(bb, path, dtype, dev, mode, scheduler, transformer, parts)
-    root = check_pipeline_folder(resolve_model_path(path, subfolder=subfolder, revision=revision), model,
-                                 with_transformer=transformer is None)
-    load_kw = dict(local_files_only=True, **({} if dtype is None else {_dtype_keyword(): dtype}))
+        model, mode, recorded = _resolve_model_mode(model, mode, records)
+        return _load_from_parts(diffusers_patch.backbone(model), path, dtype, dev, mode, scheduler, transformer,
+                                parts, recorded)
+    root = resolve_model_path(path, subfolder=subfolder, revision=revision)
+    tfolder = None
+    if isinstance(transformer, (str, os.PathLike)):
+        tfolder = _transformer_folder(transformer)
+        config = _read_json(tfolder / "config.json")
+        records.append((saved_format.check_record(config.get(saved_format.KEY), str(tfolder / "config.json")),
+                        str(tfolder / "config.json")))
+    elif transformer is None and (root / "model_index.json").is_file():
+        records.append((saved_format.read_folder_record(root), str(root / "model_index.json")))
+    if lora is not None and records[-1][0] is not None and records[-1][0] is not lora_record:
+        raise ValueError(f"lora: applies to a stock base pipeline, but {records[-1][1]} is already a TwinFlow "
+                         f"checkpoint ({records[-1][0]['mode']} mode)")
+    model, mode, recorded = _resolve_model_mode(model, mode, records)
+    bb = diffusers_patch.backbone(model)
+    model = bb.name
+    if tfolder is not None:
+        check_transformer_folder(tfolder, model)
+    root = check_pipeline_folder(root, model, with_transformer=transformer is None)
+    load_kw = dict(local_files_only=True, **dtype_kwargs(dtype))
     module = transformer if isinstance(transformer, torch.nn.Module) else None
     if module is not None:
         bb.check(module)
@@ -387,7 +505,7 @@ def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None
         if dtype is not None:
             module.to(dtype)
     else:
-        tdir = root / "transformer" if transformer is None else _transformer_folder(transformer, model)
+        tdir = root / "transformer" if tfolder is None else tfolder
         aux, source = read_aux_weights(tdir, bb.aux_prefix), str(tdir)
     try:
         if module is None:
@@ -398,12 +516,16 @@ def load_pipeline(path: Union[str, os.PathLike], model: str, *, torch_dtype=None
         pipe = bb.load_pipeline(root, transformer=module, scheduler=scheduler, **load_kw)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{root}: could not load it as a {bb.pipeline_class_name}: {e}") from e
-    return _finish(bb, pipe, mode, aux, source, dev)
+    return _finish(bb, pipe, mode, aux, source, dev, recorded=recorded, lora_file=lora_file)
 
 
-def _finish(bb, pipe, mode: str, aux: Optional[Dict[str, torch.Tensor]], source: str, dev):
+def _finish(bb, pipe, mode: str, aux: Optional[Dict[str, torch.Tensor]], source: str, dev, *,
+            recorded: bool = False, lora_file: Optional[pathlib.Path] = None):
     """Patch the pipeline's transformer, load its aux weights (None: a given module, whose own
-    aux embedder, if attached, is the trained one), wire it to the scheduler, move the pipeline."""
+    aux embedder, if attached, is the trained one) and LoRA, wire it to the pipeline (so to
+    the scheduler it holds at each call), record what it is, move the pipeline."""
+    from . import lora_export, saved_format
+
     if aux is None:
         if mode == "aux" and not isinstance(getattr(pipe.transformer, bb.aux_name, None), torch.nn.Module):
             warnings.warn(f"{source}: no aux target-time embedder ({bb.aux_prefix}*) attached; initialised it as "
@@ -411,14 +533,17 @@ def _finish(bb, pipe, mode: str, aux: Optional[Dict[str, torch.Tensor]], source:
         bb.patch(pipe.transformer, mode=mode)
     else:
         bb.patch(pipe.transformer, mode=mode)
-        load_aux_weights(pipe.transformer, bb.name, aux, source)
-    diffusers_patch.set_target_time(pipe.transformer, pipe.scheduler)
+        load_aux_weights(pipe.transformer, bb.name, aux, source, recorded=recorded)
+    if lora_file is not None:
+        lora_export.load_into(pipe, lora_file)
+    diffusers_patch.set_target_time(pipe.transformer, pipe)
+    saved_format.mark_pipeline(pipe, bb.name, mode)
     if dev is not None:
         pipe.to(dev)
     return pipe
 
 
-def _load_from_parts(bb, path, dtype, dev, mode, scheduler, transformer, parts):
+def _load_from_parts(bb, path, dtype, dev, mode, scheduler, transformer, parts, recorded):
     """A pipeline the backbone assembles itself (``load_from_parts``) from a base weights file
     and the components it lacks; `transformer` (a folder, repo or module) replaces the base one."""
     load = getattr(bb, "load_from_parts", None)
@@ -432,14 +557,15 @@ def _load_from_parts(bb, path, dtype, dev, mode, scheduler, transformer, parts):
         bb.check(transformer)
         module, aux, source = transformer, None, f"transformer={type(transformer).__name__}"
     elif transformer is not None:
-        tdir = _transformer_folder(transformer, bb.name)
+        tdir = _transformer_folder(transformer)
+        check_transformer_folder(tdir, bb.name)
         aux, source = read_aux_weights(tdir, bb.aux_prefix), str(tdir)
-        load_kw = dict(local_files_only=True, **({} if dtype is None else {_dtype_keyword(): dtype}))
+        load_kw = dict(local_files_only=True, **dtype_kwargs(dtype))
         try:
             with _aux_keys_expected(bb.transformer_class(), bb.aux_prefix):
                 module = bb.transformer_class().from_pretrained(tdir, **load_kw)
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{tdir}: could not load it as a {bb.transformer_class_name}: {e}") from e
-    pipe = load(path, torch_dtype=dtype, transformer=module, **parts)
+    pipe = load(path, dtype=dtype, transformer=module, **parts)
     pipe.scheduler = scheduler if scheduler is not None else TwinFlowPresetScheduler()
-    return _finish(bb, pipe, mode, aux, source, dev)
+    return _finish(bb, pipe, mode, aux, source, dev, recorded=recorded)

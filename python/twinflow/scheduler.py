@@ -23,6 +23,8 @@ Presets by step count: ``preset_for_steps(n)`` maps 1 → "1-nfe", 2 → "2-nfe"
 from __future__ import annotations
 
 import hashlib
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -38,6 +40,14 @@ __all__ = ["TwinFlowScheduler", "TwinFlowSchedulerOutput", "TwinFlowPresetSchedu
 
 _TIME_GRIDS = ("ucgm", "pipeline")
 
+# Which TwinFlowScheduler a patched transformer last read tt from (diffusers_patch calls
+# ``_note_tt_read``), per thread: `step` refuses to advance when the model read another one's.
+_READS = threading.local()
+
+
+def _reads() -> Tuple[int, Optional[weakref.ref]]:
+    return getattr(_READS, "count", 0), getattr(_READS, "last", None)
+
 
 @dataclass
 class TwinFlowSchedulerOutput(BaseOutput):
@@ -52,7 +62,16 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         stochast_ratio, extrapol_ratio, sampling_order, time_dist_ctrl, rfba_gap_steps,
         sampling_style: as for :class:`twinflow.UnifiedSampler`.
         time_grid: ``"ucgm"`` (the UnifiedSampler grid for ``num_inference_steps``) or
-            ``"pipeline"`` (the sigmas passed to ``set_timesteps``, unchanged).
+            ``"pipeline"``: the sigmas (or timesteps) passed to ``set_timesteps``, unchanged; a
+            pipeline that passes neither (``StableDiffusion3Pipeline``) gets its own schedule,
+            the sigmas ``FlowMatchEulerDiscreteScheduler`` with this config (``shift``,
+            ``use_dynamic_shifting`` and the like kept from ``from_config``; its defaults
+            otherwise) would use for ``num_inference_steps`` (and ``mu``).
+
+    A transformer patched with ``diffusers_patch`` reads ``tt`` from this scheduler (wired
+    with ``diffusers_patch.set_target_time``); ``step`` raises ValueError when the model call
+    before it read another TwinFlowScheduler's ``tt`` (a scheduler swapped in after wiring the
+    transformer to the old one).
     """
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
@@ -84,6 +103,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         self._generator: Optional[torch.Generator] = None
         self._started = False
         self._evals: List[tuple] = []
+        self._reads_seen = 0
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TwinFlowScheduler":
@@ -130,8 +150,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
             if sigmas is None and timesteps is not None:
                 sigmas = [float(t) / scale for t in timesteps]
             if sigmas is None:
-                raise ValueError('sigmas: time_grid="pipeline" needs the sigmas (or timesteps) '
-                                 "passed to set_timesteps")
+                sigmas = self._stock_sigmas(num_inference_steps, mu)
             grid = [float(s) for s in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
             while grid and grid[-1] == 0.0:  # a trailing terminal 0 is implied
                 grid.pop()
@@ -156,12 +175,35 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._started = False
         self._generator = None
+        self._reads_seen = _reads()[0]
         device = torch.device(device) if device is not None else self.tt.device
         if self.tt.device != device:
             # A new tensor: wire transformers with set_target_time(transformer, scheduler), which
             # reads scheduler.tt at every call, to follow the move.
             self.tt = self.tt.to(device)
         self.tt.fill_(evals[0][1])
+
+    def _stock_sigmas(self, num_inference_steps: Optional[int], mu: Optional[float]) -> List[float]:
+        """The sigmas FlowMatchEulerDiscreteScheduler with this config would run (the
+        pipeline's own schedule when it passes no sigmas), without the terminal 0."""
+        import inspect
+
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        n = num_inference_steps
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SAMPLING_STEPS:
+            raise ValueError(f'time_grid="pipeline": without sigmas or timesteps, num_inference_steps must be an int '
+                             f"in [1, {MAX_SAMPLING_STEPS}], got {n!r}")
+        known = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
+        stock = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in self.config.items() if k in known})
+        if stock.config.use_dynamic_shifting and mu is None:
+            raise ValueError('time_grid="pipeline": the config asks for dynamic shifting but the pipeline passed no mu')
+        stock.set_timesteps(n, mu=mu)
+        return [float(s) for s in stock.sigmas[:-1]]
+
+    def _note_tt_read(self) -> None:
+        _READS.count = _reads()[0] + 1
+        _READS.last = weakref.ref(self)
 
     def index_for_timestep(self, timestep, schedule_timesteps: Optional[torch.Tensor] = None) -> int:
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
@@ -178,6 +220,13 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         final sample after the last one)."""
         if self._stepper is None:
             raise ValueError("set_timesteps must be called before step")
+        count, last = _reads()
+        if count != self._reads_seen and last is not None and last() is not self:
+            raise ValueError("TwinFlowScheduler.step: the transformer read its target time tt from another "
+                             "TwinFlowScheduler, not this one (was the scheduler swapped after wiring?). Wire it "
+                             "to the pipeline: diffusers_patch.set_target_time(pipe.transformer, pipe) "
+                             "(what twinflow.load_pipeline does), or to this scheduler")
+        self._reads_seen = count
         if not self._started:
             start = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
             self._stepper.position = start

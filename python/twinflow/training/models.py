@@ -52,9 +52,14 @@ def load_transformer(cfg, family: Family, *, lora: bool, frozen_dtype: torch.dty
     if not (root / "transformer").is_dir():
         raise ValueError(f"model.pretrained_model_name_or_path: {root} has no transformer/ folder "
                          "(expected a diffusers pipeline folder; no hub downloads at run time)")
+    from twinflow.pipelines import dtype_kwargs
+    from twinflow.saved_format import KEY, make_record
+
     dtype = frozen_dtype if lora else torch.float32
-    transformer = family.transformer_class().from_pretrained(root / "transformer", torch_dtype=dtype)
+    transformer = family.transformer_class().from_pretrained(root / "transformer", **dtype_kwargs(dtype))
     family.patch(transformer, mode="lora" if lora else "aux")
+    # every transformer/ this run saves records what it is
+    transformer.register_to_config(**{KEY: make_record(family.name, "lora" if lora else "aux")})
     if not lora:  # a TwinFlow checkpoint's trained aux embedder (from_pretrained skips those keys)
         from twinflow.pipelines import load_aux_weights, read_aux_weights
 
@@ -67,7 +72,9 @@ def load_vae(cfg, family: Family, device, dtype: torch.dtype) -> Optional[nn.Mod
     root = pathlib.Path(cfg.model.pretrained_model_name_or_path) / "vae"
     if not root.is_dir():
         return None
-    vae = family.vae_class().from_pretrained(root, torch_dtype=dtype)
+    from twinflow.pipelines import dtype_kwargs
+
+    vae = family.vae_class().from_pretrained(root, **dtype_kwargs(dtype))
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -75,8 +82,10 @@ class TextEncoder:
     """The pipeline's own ``encode_prompt`` (its text encoders and tokenizers), frozen."""
 
     def __init__(self, cfg, family: Family, device, dtype: torch.dtype):
+        from twinflow.pipelines import dtype_kwargs
+
         root = cfg.model.pretrained_model_name_or_path
-        self.pipe = family.pipeline_class().from_pretrained(root, transformer=None, vae=None, torch_dtype=dtype)
+        self.pipe = family.pipeline_class().from_pretrained(root, transformer=None, vae=None, **dtype_kwargs(dtype))
         for name, comp in self.pipe.components.items():
             if isinstance(comp, nn.Module):
                 comp.to(device).eval().requires_grad_(False)

@@ -411,7 +411,13 @@ class Trainer:
     def export_pipeline(self) -> Optional[pathlib.Path]:
         """Rank 0 (collective gather first): ``<output>/pipeline``, the base pipeline folder with
         the trained transformer in the published layout (aux keys inside its safetensors; LoRA
-        merged into the weights, to load with mode="lora")."""
+        merged into the weights), recording backbone and mode (``twinflow.saved_format``: it
+        loads with ``twinflow.load_pipeline(path)``); for LoRA also ``<output>/lora``, the
+        adapter in diffusers' LoRA layout (``twinflow.lora_export``), where the pipeline class
+        has diffusers' LoRA loader (not OpenUni)."""
+        from .. import lora_export
+        from ..saved_format import mark_model_index
+
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         base = pathlib.Path(self.cfg.model.pretrained_model_name_or_path)
@@ -428,9 +434,13 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(base, tmp, ignore=lambda d, names: ["transformer"] if pathlib.Path(d) == base else [])
             weights = merged if self.lora else {k[len("transformer."):]: v for k, v in sd.items()}
-            ckpt.save_diffusers(tmp / "transformer", transformer, weights)
+            ckpt.save_diffusers(tmp / "transformer", transformer, weights)  # its config holds the record
+            mark_model_index(tmp / "model_index.json", self.family.name, "lora" if self.lora else "aux")
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
+            if self.lora and lora_export.supported(self.family.name):  # OpenUni: the merged export only
+                shutil.rmtree(self.out / "lora", ignore_errors=True)
+                lora_export.save(self.out / "lora", transformer, ONLINE_ADAPTER, self.family.name)
         self.d.barrier()
         return dest
 
