@@ -20,7 +20,7 @@ from typing import List
 
 from tqdm.auto import tqdm
 
-from diffusers_patch import MODELS as _BACKBONES  # names only: diffusers is not imported
+from .diffusers_patch import MODELS as _BACKBONES  # names only: diffusers is not imported
 
 from .cli import positive_int, register_command
 
@@ -75,7 +75,7 @@ def _describe(path: str) -> str:
 
 
 def _extra_call_args(model: str, args: argparse.Namespace) -> dict:
-    import diffusers_patch
+    from . import diffusers_patch
 
     bb = diffusers_patch.backbone(model)
     kw = {bb.cfg_kwarg: args.guidance_scale, **dict(bb.exact_size)}

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import diffusers_patch
+from .. import diffusers_patch
 
 #: backbone names (the registry in diffusers_patch)
 MODELS = tuple(diffusers_patch.MODELS)
