@@ -49,9 +49,10 @@ def ones_mask(embeds: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tenso
     return mask
 
 
-#: The oldest diffusers twinflow supports: the first release with ``ZImagePipeline`` (Z-Image);
-#: pyproject.toml's floor. Older releases lack classes or call the transformer differently.
-MIN_DIFFUSERS = "0.36.0"
+#: The oldest diffusers twinflow supports (pyproject.toml's floor). ``ZImagePipeline`` came in
+#: 0.36.0, but there Qwen-Image's transformer still requires ``txt_seq_lens``, which the training
+#: glue does not pass; 0.37.0 is the first release on which every backbone's tests pass.
+MIN_DIFFUSERS = "0.37.0"
 
 
 def _diffusers_class(name: str):
