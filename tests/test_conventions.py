@@ -82,15 +82,16 @@ def test_train_with_a_hub_id_is_one_line_before_any_diffusers_call(tmp_path, mon
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for cls in (diffusers.DiffusionPipeline, diffusers.ModelMixin):
         monkeypatch.setattr(cls, "from_pretrained", classmethod(no_loading))
-    data = tmp_path / "data"
+    data = tmp_path / "data"  # a valid dataset: without the check, loading the model comes next
     data.mkdir()
-    Image.new("RGB", (8, 8)).save(data / "a.png")
-    (data / "a.txt").write_text("a caption")
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a caption")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model: {name: sd3, pretrained_model_name_or_path: stabilityai/stable-diffusion-3.5-medium}\n"
                    "training: {max_steps: 1, mixed_precision: 'no'}\ndata: {resolution: 8, num_workers: 0}\n")
     rc = main(["train", "--config", str(cfg), "--dataset-path", str(data), "--output-dir", str(tmp_path / "out"),
-               "--quiet"])
+               "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err
     assert "'stabilityai/stable-diffusion-3.5-medium' is not a local folder" in err[0]
