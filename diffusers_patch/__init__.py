@@ -17,6 +17,11 @@ backbone is adding its module and one line here.
 
 from __future__ import annotations
 
+if __name__ == "diffusers_patch":  # the deprecated top-level name: become twinflow.diffusers_patch
+    from twinflow._deprecated import alias_diffusers_patch
+
+    alias_diffusers_patch()
+
 import importlib
 import weakref
 

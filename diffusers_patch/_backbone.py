@@ -26,7 +26,7 @@ from torch import nn
 
 from ._common import fresh_copy, install, uninstall
 
-__all__ = ["Backbone", "normal_init", "ones_mask"]
+__all__ = ["Backbone", "MIN_DIFFUSERS", "normal_init", "ones_mask"]
 
 
 def normal_init(embed: nn.Module, std: float = 0.02) -> nn.Module:
@@ -49,10 +49,23 @@ def ones_mask(embeds: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tenso
     return mask
 
 
+#: The oldest diffusers twinflow supports (pyproject.toml's floor). ``ZImagePipeline`` came in
+#: 0.36.0, but there Qwen-Image's transformer still requires ``txt_seq_lens``, which the training
+#: glue does not pass; 0.37.0 is the first release on which every backbone's tests pass.
+MIN_DIFFUSERS = "0.37.0"
+
+
 def _diffusers_class(name: str):
     import diffusers
+    from packaging.version import Version
 
-    return getattr(diffusers, name)
+    fix = f'twinflow needs diffusers>={MIN_DIFFUSERS} (pip install -U "diffusers>={MIN_DIFFUSERS}")'
+    if Version(diffusers.__version__) < Version(MIN_DIFFUSERS):
+        raise ImportError(f"diffusers {diffusers.__version__} is too old for {name}: {fix}")
+    try:
+        return getattr(diffusers, name)
+    except AttributeError:
+        raise ImportError(f"diffusers {diffusers.__version__} has no {name}: {fix}") from None
 
 
 class Backbone:

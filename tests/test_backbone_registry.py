@@ -18,9 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import diffusers  # noqa: E402
 
-import diffusers_patch  # noqa: E402
-from diffusers_patch import Backbone  # noqa: E402
-from diffusers_patch.sd3 import SD3  # noqa: E402
+from twinflow import diffusers_patch  # noqa: E402
+from twinflow.diffusers_patch import Backbone  # noqa: E402
+from twinflow.diffusers_patch.sd3 import SD3  # noqa: E402
 from tiny_pipelines import one_thread, saved_pipeline  # noqa: E402,F401
 
 

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import diffusers_patch  # noqa: E402
+from twinflow import diffusers_patch  # noqa: E402
 import tiny_pipelines  # noqa: E402
 from checks import expect_error  # noqa: E402
 from tiny_pipelines import one_thread  # noqa: E402,F401 (autouse fixture)

@@ -17,6 +17,11 @@ NOTEBOOKS = {
     "01_mnist_twinflow.ipynb": {"TWINFLOW_NB_STEPS": "20", "TWINFLOW_NB_FT_STEPS": "3"},  # short runs
     "02_twinflow_in_diffusers.ipynb": {},
 }
+# Numbers a notebook's text states, each with what its own output prints for it.
+STATED = {
+    "01_mnist_twinflow.ipynb": [("≈0.43M parameters", "0.43M parameters"),
+                                ("1500 steps of batch 128", "1500 steps, 192000 images")],
+}
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -34,3 +39,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     for i, c in enumerate(nb.cells):
         if c.cell_type == "code" and ("plt.show()" in c.source or "show(" in c.source):
             assert any("image/png" in o.get("data", {}) for o in c.outputs), f"cell {i} shows no figure"
+    # Every number the text states is one the notebook prints.
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    printed = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    for stated, shown in STATED.get(name, []):
+        assert stated in text and shown in printed, (stated, shown)

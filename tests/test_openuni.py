@@ -30,7 +30,7 @@ from tiny_openuni import (build_openuni, published_state_dict, pth_components,  
                           saved_openuni)
 from tiny_pipelines import TEST_SIZE, one_thread  # noqa: E402,F401
 
-import diffusers_patch  # noqa: E402
+from twinflow import diffusers_patch  # noqa: E402
 import twinflow  # noqa: E402
 from twinflow.openuni_pipeline import OpenUniPipeline  # noqa: E402
 

@@ -34,8 +34,8 @@ import safetensors.torch as safetensors_torch  # noqa: E402
 
 from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel  # noqa: E402
 
-import diffusers_patch  # noqa: E402
-from diffusers_patch import qwen_image, z_image  # noqa: E402
+from twinflow import diffusers_patch  # noqa: E402
+from twinflow.diffusers_patch import qwen_image, z_image  # noqa: E402
 
 B = 2
 

@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from diffusers import SanaTransformer2DModel, SD3Transformer2DModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import diffusers_patch  # noqa: E402
-from diffusers_patch import sana, sd3  # noqa: E402
-from diffusers_patch._common import is_patched, patched_mode  # noqa: E402
+from twinflow import diffusers_patch  # noqa: E402
+from twinflow.diffusers_patch import sana, sd3  # noqa: E402
+from twinflow.diffusers_patch._common import is_patched, patched_mode  # noqa: E402
 from checks import expect_error  # noqa: E402
 
 TINY_SD3 = dict(sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,

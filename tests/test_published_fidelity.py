@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import diffusers_patch  # noqa: E402
+from twinflow import diffusers_patch  # noqa: E402
 from tiny_pipelines import MODELS, build_transformer, one_thread  # noqa: E402,F401
 from twinflow.training.models import TwinFlowModel  # noqa: E402
 
@@ -134,7 +134,7 @@ def test_time_embedding_matches_the_published_formula(model):
 
 def test_z_image_target_time_zero_is_the_noise_end():
     """The published quirk kept on purpose: tt = 0 → tt_z = 0, not Z-Image's data end 1."""
-    from diffusers_patch.z_image import from_model_time, to_model_time
+    from twinflow.diffusers_patch.z_image import from_model_time, to_model_time
 
     t = torch.tensor([0.0, 0.25, 1.0, -0.25, -1.0], dtype=F64)
     assert to_model_time(t).tolist() == [0.0, 0.75, 0.0, -0.75, -0.0]

@@ -52,8 +52,9 @@ def test_second_writer_is_refused_and_a_dead_owner_frees_the_folder(tmp_path):
 
 def _config(tmp_path):
     path = tmp_path / "cfg.yaml"
+    (tmp_path / "empty-model").mkdir(exist_ok=True)  # a local folder: the output-dir checks come next
     path.write_text(f"""\
-model: {{name: sd3, pretrained_model_name_or_path: {tmp_path / 'no-model'}}}
+model: {{name: sd3, pretrained_model_name_or_path: {tmp_path / 'empty-model'}}}
 training: {{batch_size: 4, max_steps: 3}}
 """)
     return path

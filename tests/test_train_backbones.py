@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tiny_pipelines import TEST_SIZE, build  # noqa: E402
 
-import diffusers_patch  # noqa: E402
+from twinflow import diffusers_patch  # noqa: E402
 from twinflow import TwinFlowLoss, TwinFlowScheduler, UnifiedSampler  # noqa: E402
 from twinflow.training.models import FAMILIES, TwinFlowModel  # noqa: E402
 

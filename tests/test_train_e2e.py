@@ -167,7 +167,7 @@ def single(env):
 
 
 def test_single_process_full(env, single):
-    import diffusers_patch
+    from twinflow import diffusers_patch
 
     ckpt = single / "checkpoints" / "step-000002"
     marker = json.loads((ckpt / "COMPLETE.json").read_text())

@@ -27,7 +27,7 @@ from test_train_e2e import WEIGHTS, _config, _images_parquet, _metrics, _train  
 from tiny_openuni import build_openuni, saved_openuni  # noqa: E402
 from tiny_pipelines import TEST_SIZE, one_thread  # noqa: E402,F401
 
-import diffusers_patch  # noqa: E402
+from twinflow import diffusers_patch  # noqa: E402
 import twinflow  # noqa: E402
 from twinflow.training.config import load_config  # noqa: E402
 

@@ -256,7 +256,7 @@ def _root() -> pathlib.Path:
 def trained_aux_transformer(model: str, transformer: torch.nn.Module) -> torch.nn.Module:
     """A patched copy of `transformer` whose aux embedder no longer equals its initial copy of
     the main one (stands in for trained aux weights)."""
-    import diffusers_patch
+    from twinflow import diffusers_patch
 
     with torch.random.fork_rng():  # SD3 and Sana draw their aux init from the global RNG
         torch.manual_seed(7)

@@ -8,6 +8,7 @@ The sampler math runs in a Rust core on libtorch (``twinflow._core``).
 import torch  # noqa: F401
 
 from ._core import MAX_SAMPLING_STEPS, UnifiedSampler, __version__, ucgm_step
+from ._logging import get_verbosity, set_verbosity
 from .losses import TwinFlowLoss
 
 
@@ -24,4 +25,10 @@ def __getattr__(name):
     raise AttributeError(f"module 'twinflow' has no attribute {name!r}")
 
 
-__all__ = ["UnifiedSampler", "TwinFlowLoss", "ucgm_step", "MAX_SAMPLING_STEPS", "__version__", *_LAZY]
+def __dir__():
+    # The lazy names too, so that tab completion and dir() show the whole public API.
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["UnifiedSampler", "TwinFlowLoss", "ucgm_step", "MAX_SAMPLING_STEPS", "__version__", "get_verbosity",
+           "set_verbosity", *_LAZY]

@@ -13,7 +13,8 @@ and register it with its argument builder::
         return 0
 
 in a module named in ``_COMMAND_MODULES`` (imported when the parser is built).
-A command that raises ``ValueError`` (invalid user input) or ``FileNotFoundError`` gets a one-line
+A command that raises ``ValueError`` (invalid user input), ``FileNotFoundError``, ``FloatingPointError``
+(NaN/Inf) or ``ImportError`` (a missing or too old dependency) gets a one-line
 ``twinflow <command>: error: ...`` and exit status 1; ``main`` returns the
 command's exit status.
 
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console-script entry point; returns the exit status."""
+    from ._logging import add_stderr_handler
+
+    add_stderr_handler()  # twinflow's log records (TWINFLOW_VERBOSITY) on stderr
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     if args.command is None:
@@ -111,7 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         rc = COMMANDS[args.command].run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input, a missing file, NaN/Inf values
+    # bad input, a missing file, NaN/Inf values, a missing or too old dependency
+    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0 if rc is None else int(rc)

@@ -87,6 +87,7 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-steps", type=int, default=1500,
                    help="steps to train the toy MLP with the TwinFlow and flow-matching objectives "
                         "(0: only the exact field)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 @register_command(
@@ -125,8 +126,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.train_steps > 0:
         # The product in miniature: the same small MLP trained with the TwinFlow objective and
         # with plain flow matching, then sampled with one or two network evaluations.
-        twin = train_toy("twinflow", steps=args.train_steps, seed=args.seed, mixture=mix, progress=True)
-        fm = train_toy("flow_matching", steps=args.train_steps, seed=args.seed, mixture=mix, progress=True)
+        twin = train_toy("twinflow", steps=args.train_steps, seed=args.seed, mixture=mix, progress=not args.quiet)
+        fm = train_toy("flow_matching", steps=args.train_steps, seed=args.seed, mixture=mix, progress=not args.quiet)
         settings += [
             ("twinflow-net 1-nfe", UnifiedSampler.preset("1-nfe"), lambda: twin),
             ("twinflow-net 2-nfe", UnifiedSampler.preset("2-nfe"), lambda: twin),
@@ -151,7 +152,8 @@ def _run_demo(args: argparse.Namespace) -> int:
                                 mode_radii=radii, title=f"data: {n} mixture samples",
                                 size=args.image_size).name,
     })
-    for label, sampler, make in tqdm(settings, desc="demo", unit="setting", leave=False, disable=None):
+    for label, sampler, make in tqdm(settings, desc="demo", unit="setting", leave=False,
+                                     disable=True if args.quiet else None):
         gen = torch.Generator(device=device).manual_seed(args.seed)
         noise = torch.randn(n, 2, generator=gen, dtype=mix.dtype, device=device)  # same noise for every setting
         field = _Counted(make())

@@ -20,7 +20,7 @@ from typing import List
 
 from tqdm.auto import tqdm
 
-from diffusers_patch import MODELS as _BACKBONES  # names only: diffusers is not imported
+from .diffusers_patch import MODELS as _BACKBONES  # names only: diffusers is not imported
 
 from .cli import positive_int, register_command
 
@@ -54,6 +54,7 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _prompts(args: argparse.Namespace) -> List[str]:
@@ -76,7 +77,7 @@ def _describe(path: str) -> str:
 
 
 def _extra_call_args(model: str, args: argparse.Namespace) -> dict:
-    import diffusers_patch
+    from . import diffusers_patch
 
     bb = diffusers_patch.backbone(model)
     kw = {bb.cfg_kwarg: args.guidance_scale, **dict(bb.exact_size)}
@@ -92,6 +93,13 @@ def _extra_call_args(model: str, args: argparse.Namespace) -> dict:
                  "writes one PNG per image and a JSON with the exact settings beside it."),
 )
 def _run_generate(args: argparse.Namespace) -> int:
+    from ._logging import no_library_progress_bars
+
+    with no_library_progress_bars(args.quiet):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
@@ -109,6 +117,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                              transformer=args.transformer, subfolder=args.subfolder, revision=args.revision)
     except FileNotFoundError as e:  # the registry reports ValueError as a one-line error
         raise ValueError(str(e)) from e
+    if args.quiet:
+        pipe.set_progress_bar_config(disable=True)
     out_dir: pathlib.Path = args.output_dir
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +140,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     settings["diffusers_version"] = diffusers.__version__
     written = 0
     # The pipeline shows a bar over its steps; this one counts prompts when there are several.
-    for p, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", disable=True if len(prompts) < 2 else None)):
+    for p, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt",
+                                    disable=True if args.quiet or len(prompts) < 2 else None)):
         t0 = time.perf_counter()
         array = pipe(prompt=prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                      num_images_per_prompt=args.num_images, generator=torch.Generator("cpu").manual_seed(args.seed),

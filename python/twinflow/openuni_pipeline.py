@@ -37,7 +37,7 @@ from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from diffusers_patch import openuni as _facts
+from .diffusers_patch import openuni as _facts
 
 logger = logging.getLogger(__name__)
 

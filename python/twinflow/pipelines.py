@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-import diffusers_patch
+from . import diffusers_patch
 
 from . import _files, _pipeline_checks
 from .scheduler import TwinFlowPresetScheduler, TwinFlowScheduler

@@ -1,6 +1,6 @@
 """``twinflow train``: fine-tune a diffusers backbone into a few-step TwinFlow model.
 
-Single process: ``twinflow train --config configs/sd35_lora_2order.yaml --dataset-path data.parquet
+Single process: ``twinflow train --config sd35_lora_2order --dataset-path data.parquet
 --output-dir runs/x``; several: the same under ``torchrun --nproc_per_node=N -m twinflow train ...``.
 torch/diffusers are imported inside the command so that ``twinflow --help`` stays fast.
 """
@@ -13,7 +13,9 @@ from ..cli import register_command
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML config (see configs/ and docs/large_training.md)")
+    p.add_argument("--config", required=True,
+                   help="a YAML config file, or the name of one shipped in the package (sd35_lora_2order, "
+                        "qwen_image_full_2order, ...: the repository's configs/; see docs/large_training.md)")
     p.add_argument("--dataset-path", required=True,
                    help="a .parquet file of (text, image_bytes) rows, optionally precomputed latents/text_embeds; "
                         "or a folder of images with .txt captions")
@@ -24,24 +26,45 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: continue from the newest complete checkpoint in the output dir; or a checkpoint folder")
     p.add_argument("--overwrite", action="store_true",
                    help="start fresh even though --output-dir holds checkpoints of an earlier run (deletes them)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help="no progress bar")
+
+
+def check_model_folder(cfg) -> None:
+    """Training reads a local pipeline folder and downloads nothing: anything else is one line
+    here, before diffusers (which would ask the Hub) sees the path."""
+    import pathlib
+
+    given = cfg.model.pretrained_model_name_or_path
+    if not pathlib.Path(given).expanduser().is_dir():
+        raise ValueError(f"{cfg.source}: model.pretrained_model_name_or_path: {given!r} is not a local folder "
+                         "(twinflow train reads a diffusers pipeline folder and downloads nothing: fetch it first, "
+                         "e.g. `hf download ORG/NAME --local-dir DIR`, then --set "
+                         "model.pretrained_model_name_or_path=DIR)")
 
 
 @register_command("train", help="fine-tune a diffusers model with the TwinFlow objective (torchrun-ready)",
                   add_arguments=_add_arguments)
 def run(args: argparse.Namespace) -> int:
+    from .._logging import no_library_progress_bars
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    check_model_folder(cfg)
+    with no_library_progress_bars(args.quiet):
+        return _train(cfg, args)
+
+
+def _train(cfg, args: argparse.Namespace) -> int:
     import sys
 
-    from .config import load_config
     from .distributed import init_distributed, shutdown
     from .trainer import NonFiniteLoss, Trainer
 
-    cfg = load_config(args.config, args.overrides)
     d = init_distributed()
     trainer = None
     try:
         trainer = Trainer(cfg, dataset_path=args.dataset_path, output_dir=args.output_dir, d=d,
-                          resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+                          resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
         if d.main and trainer.step:
             print(f"twinflow train: resumed from {trainer.last_checkpoint} at step {trainer.step}", file=sys.stderr)
         trainer.fit()

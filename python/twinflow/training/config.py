@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import diffusers_patch
+from .. import diffusers_patch
 
 #: backbone names (the registry in diffusers_patch)
 MODELS = tuple(diffusers_patch.MODELS)
@@ -313,13 +313,41 @@ def parse_config(raw: Any, source: str = "<config>", overrides: Sequence[str] = 
     return cfg
 
 
+def packaged_configs() -> Dict[str, pathlib.Path]:
+    """{name: path} of the configs shipped inside the package (``twinflow/configs/*.yaml``: the
+    repository's ``configs/`` folder, linked in a source checkout and copied into the wheel)."""
+    from importlib.resources import files
+
+    folder = files("twinflow") / "configs"
+    if not folder.is_dir():
+        return {}
+    return {p.name[:-len(".yaml")]: pathlib.Path(str(p)) for p in sorted(folder.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".yaml")}
+
+
+def resolve_config(path) -> pathlib.Path:
+    """A config file: `path` itself when it is a file, else the packaged config of that name
+    (``sd35_lora_2order`` or ``sd35_lora_2order.yaml``); ValueError listing the names otherwise."""
+    given = pathlib.Path(path)
+    if given.is_file():
+        return given
+    text = str(path)
+    if "/" not in text and "\\" not in text:
+        known = packaged_configs()
+        name = text[:-len(".yaml")] if text.endswith(".yaml") else text
+        if name in known:
+            return known[name]
+        raise ValueError(f"--config: {text!r} is neither a file nor a packaged config "
+                         f"(packaged: {', '.join(known) or 'none'})")
+    raise ValueError(f"--config: no such file: {given}")
+
+
 def load_config(path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read and validate a YAML config file; ``overrides`` are ``key=value`` strings."""
+    """Read and validate a YAML config: a file, or the name of a packaged one (``resolve_config``);
+    ``overrides`` are ``key=value`` strings."""
     import yaml
 
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"--config: no such file: {path}")
+    path = resolve_config(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

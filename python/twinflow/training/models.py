@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-import diffusers_patch
+from .. import diffusers_patch
 
 
 #: Training glue per backbone: a view of the registry (``diffusers_patch.backbone(name)``

@@ -9,6 +9,7 @@ update as N processes with one micro-batch each (given the same micro-batches).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 import shutil
@@ -23,6 +24,8 @@ from .config import TrainConfig
 from .distributed import Dist, no_grad_sync, resolve_strategy, shard, wrap
 from .models import FAMILIES, TextEncoder, TwinFlowModel, add_lora, load_transformer, load_vae
 from .teacher import ONLINE_ADAPTER, TEACHER_ADAPTER, bind_full, make_teacher
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(ValueError):
@@ -456,7 +459,7 @@ class Trainer:
 
                 self.tb = SummaryWriter(str(self.out / "tensorboard"))
             except ImportError:
-                print("logging.tensorboard: tensorboard is not installed; logging to metrics.jsonl only")
+                logger.warning("logging.tensorboard: tensorboard is not installed; logging to metrics.jsonl only")
         self.model.train()
         batches = self.micro_batches()
         global_batch = t.batch_size * self.accum * self.d.world
