@@ -35,10 +35,10 @@ pytest.importorskip("transformers")
 import diffusers  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-import diffusers_patch  # noqa: E402
+from twinflow import diffusers_patch  # noqa: E402
 import tiny_pipelines  # noqa: E402
 from checks import expect_error  # noqa: E402
-from diffusers_patch._common import target_time  # noqa: E402
+from twinflow.diffusers_patch._common import target_time  # noqa: E402
 from tiny_pipelines import one_thread  # noqa: E402,F401 (autouse fixture)
 from twinflow import TwinFlowPresetScheduler, TwinFlowScheduler, load_pipeline  # noqa: E402
 from twinflow.pipelines import MODELS  # noqa: E402

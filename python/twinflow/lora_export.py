@@ -25,7 +25,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-import diffusers_patch
+from . import diffusers_patch
 
 from . import _files
 from .saved_format import check_record, make_record

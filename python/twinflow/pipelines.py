@@ -371,7 +371,7 @@ def resolve_dtype_args(dtype, torch_dtype):
 
 
 def _module_record(module: torch.nn.Module, source: str) -> Optional[dict]:
-    from diffusers_patch._common import patched_mode
+    from .diffusers_patch._common import patched_mode
 
     from .saved_format import KEY, check_record
 

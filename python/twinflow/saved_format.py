@@ -58,7 +58,7 @@ class TwinFlowTransformer(ModelMixin, ConfigMixin):
 def __getattr__(name: str):
     """The stand-in of a registered backbone's transformer class (model_index.json names
     ``[LIBRARY, "<stock class>"]``): a TwinFlowTransformer subclass of that name."""
-    import diffusers_patch
+    from . import diffusers_patch
 
     if name not in {b.transformer_class_name for b in diffusers_patch.backbones().values()}:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -76,7 +76,7 @@ def check_record(record, source: str) -> Optional[dict]:
     ValueError when it is malformed, names an unknown backbone, or is of a newer format."""
     if record is None:
         return None
-    import diffusers_patch
+    from . import diffusers_patch
 
     if not isinstance(record, dict):
         raise ValueError(f"{source}: {KEY} must be an object, got {type(record).__name__}")
@@ -112,7 +112,7 @@ def mark_model_index(path: pathlib.Path, model: str, mode: str) -> None:
     import json
 
     index = _files.read_json(path)
-    import diffusers_patch
+    from . import diffusers_patch
 
     index[KEY] = make_record(model, mode)
     index["transformer"] = [LIBRARY, diffusers_patch.backbone(model).transformer_class_name]
