@@ -62,7 +62,7 @@ class UnifiedSampler:
         stepper.check_noise(noise)
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
-        batch = (noise.shape[0],)
+        batch, like = (noise.shape[0],), dict(dtype=noise.dtype, device=noise.device)
         trajectory = None
         if return_trajectory:  # row i + 1 receives x̂ of interval i
             trajectory = noise.new_empty((len(stepper.grid), *noise.shape))
@@ -70,9 +70,9 @@ class UnifiedSampler:
         x = noise
         with _progress_bar(progress, self.nfe) as bar:
             for e in stepper.evals:
-                velocity = model(x, t=noise.new_full(batch, e.t), tt=noise.new_full(batch, e.tt), **model_kwargs)
-                eps = torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device=noise.device) \
-                    if e.noise else None
+                velocity = model(x, t=torch.full(batch, e.t, **like), tt=torch.full(batch, e.tt, **like),
+                                 **model_kwargs)
+                eps = torch.randn(noise.shape, generator=generator, **like) if e.noise else None
                 xhat = trajectory[e.interval + 1] if trajectory is not None and not e.corrector else None
                 x = stepper.step(x, velocity, eps, xhat)
                 bar.update(1)

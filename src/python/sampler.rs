@@ -270,11 +270,20 @@ impl PyEvaluation {
 pub struct PyStepper {
     // Tensors are Send but not Sync; the mutex makes the class shareable.
     inner: std::sync::Mutex<Stepper>,
+    /// The tensor object `check_noise` accepted or `step` returned last: passed back as x,
+    /// it needs no second check (a sampling loop saves that cost on every evaluation).
+    checked: std::sync::Mutex<Option<PyObject>>,
 }
 
 impl PyStepper {
     fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, Stepper>> {
         self.inner.lock().map_err(|_| PyRuntimeError::new_err("stepper state is poisoned"))
+    }
+
+    fn remember(&self, x: Option<PyObject>) {
+        if let Ok(mut c) = self.checked.lock() {
+            *c = x;
+        }
     }
 }
 
@@ -300,7 +309,7 @@ impl PyStepper {
             Some(g) => Stepper::with_grid(&settings.inner, &g).map_err(to_pyerr)?,
             None => Stepper::new(&settings.inner),
         };
-        Ok(Self { inner: std::sync::Mutex::new(st) })
+        Ok(Self { inner: std::sync::Mutex::new(st), checked: std::sync::Mutex::new(None) })
     }
 
     /// Every model evaluation in order, as ``Evaluation`` objects.
@@ -344,7 +353,9 @@ impl PyStepper {
     fn check_noise(&self, noise: &Bound<'_, PyAny>) -> PyResult<()> {
         let t = tensor_arg(noise, "noise")?;
         let finite = self.lock()?.check_finite;
-        check_noise(&t, finite).map_err(to_pyerr)
+        check_noise(&t, finite).map_err(to_pyerr)?;
+        self.remember(Some(noise.clone().unbind()));
+        Ok(())
     }
 
     /// Advance by one evaluation: the model's output at x for ``evals[position]``.
@@ -371,9 +382,15 @@ impl PyStepper {
         velocity: &Bound<'_, PyAny>,
         noise: Option<&Bound<'_, PyAny>>,
         xhat_out: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<PyTensor> {
-        let xt = tensor_arg(x, "x")?;
-        check_sample(&xt, "x").map_err(to_pyerr)?;
+    ) -> PyResult<PyObject> {
+        let known = self.checked.lock().ok().and_then(|c| c.as_ref().map(|c| c.bind(py).is(x))).unwrap_or(false);
+        let xt = if known {
+            x.extract::<PyTensor>()?.0
+        } else {
+            let t = tensor_arg(x, "x")?;
+            check_sample(&t, "x").map_err(to_pyerr)?;
+            t
+        };
         let f = velocity_like(tensor_arg(velocity, "model output")?, &xt).map_err(to_pyerr)?;
         let eps = noise.filter(|n| !n.is_none()).map(|n| tensor_like(n, "noise", &xt)).transpose()?;
         let out = xhat_out.filter(|o| !o.is_none()).map(|o| tensor_like(o, "xhat_out", &xt)).transpose()?;
@@ -390,7 +407,9 @@ impl PyStepper {
         };
         // Below the kernels' threading threshold the update takes a few µs: keep the GIL.
         let y = if small { run() } else { py.allow_threads(run) };
-        y.map(PyTensor).map_err(to_pyerr)
+        let y = PyTensor(y.map_err(to_pyerr)?).into_pyobject(py)?.unbind();
+        self.remember(Some(y.clone_ref(py)));
+        Ok(y)
     }
 }
 
