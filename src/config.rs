@@ -571,6 +571,44 @@ mod tests {
     }
 
     #[test]
+    fn every_declared_setting_is_a_field_with_its_default_in_range() {
+        let d = SamplerConfig::default();
+        d.validate().unwrap();
+        for spec in SAMPLER_SETTINGS {
+            let v = d.get(spec.name).unwrap_or_else(|| panic!("{} has no field", spec.name));
+            let mut c = SamplerConfig::default();
+            c.set(spec.name, &v).unwrap();
+            assert_eq!(c, d, "{}", spec.name);
+            assert!(!spec.doc.trim().is_empty() && !spec.range_text().is_empty());
+        }
+        assert!(matches!(SamplerConfig::default().set("bogus", &Value::Int(1)), Err(Error::Type(_))));
+    }
+
+    #[test]
+    fn values_convert_or_name_the_setting() {
+        let mut c = SamplerConfig::default();
+        let field = |r: Result<()>| match r {
+            Err(Error::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        // Out of the type's domain is out of range, not a type error.
+        assert_eq!(field(c.set("sampling_steps", &Value::Int(-1))), "sampling_steps");
+        assert_eq!(field(c.set("sampling_steps", &Value::BigInt("1".repeat(30)))), "sampling_steps");
+        assert_eq!(field(c.set("stochast_ratio", &Value::Str("foo".into()))), "stochast_ratio");
+        assert_eq!(field(c.set("time_dist_ctrl", &Value::Seq(vec![Value::Int(1)]))), "time_dist_ctrl");
+        for (name, v) in [("sampling_steps", Value::Float(2.0)), ("sampling_style", Value::Int(1)),
+                          ("use_fused_kernel", Value::Int(1)), ("rfba_gap_steps", Value::Str("ab".into()))] {
+            assert!(matches!(c.set(name, &v), Err(Error::Type(m)) if m.contains(name)), "{name}");
+        }
+        c.set("stochast_ratio", &Value::Str("sde".into())).unwrap();
+        c.set("time_dist_ctrl", &Value::Seq(vec![Value::Int(2), Value::Float(0.5), Value::Int(1)])).unwrap();
+        assert_eq!((c.stochast_ratio, c.time_dist_ctrl), (StochastRatio::Sde, [2.0, 0.5, 1.0]));
+        // Ranges are checked by validate (so presets and serde input get the same checks).
+        c.set("extrapol_ratio", &Value::Float(11.0)).unwrap();
+        assert_eq!(field(c.validate()), "extrapol_ratio");
+    }
+
+    #[test]
     fn sde_ratio_is_per_step() {
         let s = StochastRatio::Sde;
         assert_eq!(s.at(0.5, 0.0), 1.0);
