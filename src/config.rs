@@ -1,4 +1,5 @@
-//! Sampler settings (SPEC §2): serde-friendly, validated once, plus the published presets.
+//! Sampler settings (SPEC §2): each declared once (type, default, range, doc) in
+//! [`sampler_settings!`], serde-friendly, validated once, plus the published presets.
 
 use serde::{Deserialize, Serialize};
 
@@ -88,36 +89,373 @@ impl StochastRatio {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SamplerConfig {
-    pub sampling_steps: usize,
-    pub stochast_ratio: StochastRatio,
-    pub extrapol_ratio: f64,
-    pub sampling_order: u32,
-    pub time_dist_ctrl: [f64; 3],
-    pub rfba_gap_steps: [f64; 2],
-    pub sampling_style: SamplingStyle,
-}
-
-impl Default for SamplerConfig {
-    fn default() -> Self {
-        Self {
-            sampling_steps: 20,
-            stochast_ratio: StochastRatio::Fixed(0.0),
-            extrapol_ratio: 0.0,
-            sampling_order: 1,
-            time_dist_ctrl: [1.0, 1.0, 1.0],
-            rfba_gap_steps: [0.0, 0.0],
-            sampling_style: SamplingStyle::Few,
-        }
-    }
-}
-
 /// Upper bounds (documented in the README's "Safety" section): far above any useful
 /// setting, low enough that a typo cannot allocate gigabytes or overflow the result.
 pub const MAX_SAMPLING_STEPS: usize = 10_000;
 pub const MAX_EXTRAPOL_RATIO: f64 = 10.0;
+
+/// A setting's value as the bindings hand it over (Python objects map onto these).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Bool(bool),
+    Int(i64),
+    /// An integer that does not fit i64, as written.
+    BigInt(String),
+    Float(f64),
+    Str(String),
+    Seq(Vec<Value>),
+    /// Anything else, by its type name.
+    Other(String),
+}
+
+impl Value {
+    fn type_name(&self) -> &str {
+        match self {
+            Value::Bool(_) => "bool",
+            Value::Int(_) | Value::BigInt(_) => "int",
+            Value::Float(_) => "float",
+            Value::Str(_) => "str",
+            Value::Seq(_) => "sequence",
+            Value::Other(t) => t,
+        }
+    }
+
+    /// The value as Python would print it.
+    pub fn show(&self) -> String {
+        match self {
+            Value::Bool(b) => if *b { "True".into() } else { "False".into() },
+            Value::Int(i) => i.to_string(),
+            Value::BigInt(s) => s.clone(),
+            Value::Float(f) => format!("{f:?}"),
+            Value::Str(s) => format!("{s:?}"),
+            Value::Seq(v) => format!("({})", v.iter().map(Value::show).collect::<Vec<_>>().join(", ")),
+            Value::Other(t) => format!("<{t}>"),
+        }
+    }
+}
+
+/// Why a [`Value`] does not convert to a setting's type.
+pub enum Mismatch {
+    /// Wrong kind of value (`TypeError`).
+    Type,
+    /// The right kind but outside the setting's range (`ValueError` with the range).
+    Range,
+    /// A sequence of the wrong length.
+    Len(usize),
+}
+
+/// The Rust types a setting can have: conversion from and to [`Value`], and the numbers its
+/// range applies to.
+pub trait SettingValue: Sized {
+    /// The type as the Python signature writes it.
+    const TYPE: &'static str;
+    fn from_value(v: &Value) -> std::result::Result<Self, Mismatch>;
+    fn to_value(&self) -> Value;
+    fn numbers(&self) -> Vec<f64> {
+        vec![]
+    }
+}
+
+impl SettingValue for f64 {
+    const TYPE: &'static str = "float";
+    fn from_value(v: &Value) -> std::result::Result<Self, Mismatch> {
+        match v {
+            Value::Int(i) => Ok(*i as f64),
+            Value::Float(f) => Ok(*f),
+            Value::BigInt(_) => Err(Mismatch::Range),
+            _ => Err(Mismatch::Type),
+        }
+    }
+    fn to_value(&self) -> Value {
+        Value::Float(*self)
+    }
+    fn numbers(&self) -> Vec<f64> {
+        vec![*self]
+    }
+}
+
+/// The integer settings: a negative or too large int is out of range, not a type error.
+macro_rules! int_setting {
+    ($($t:ty),*) => {$(
+        impl SettingValue for $t {
+            const TYPE: &'static str = "int";
+            fn from_value(v: &Value) -> std::result::Result<Self, Mismatch> {
+                match v {
+                    Value::Int(i) => <$t>::try_from(*i).map_err(|_| Mismatch::Range),
+                    Value::BigInt(_) => Err(Mismatch::Range),
+                    _ => Err(Mismatch::Type),
+                }
+            }
+            fn to_value(&self) -> Value {
+                Value::Int(*self as i64)
+            }
+            fn numbers(&self) -> Vec<f64> {
+                vec![*self as f64]
+            }
+        }
+    )*};
+}
+
+int_setting!(usize, u32);
+
+impl SettingValue for bool {
+    const TYPE: &'static str = "bool";
+    fn from_value(v: &Value) -> std::result::Result<Self, Mismatch> {
+        match v {
+            Value::Bool(b) => Ok(*b),
+            _ => Err(Mismatch::Type),
+        }
+    }
+    fn to_value(&self) -> Value {
+        Value::Bool(*self)
+    }
+}
+
+/// Python type names of the fixed-length float tuples.
+const fn tuple_type(n: usize) -> &'static str {
+    match n {
+        2 => "tuple[float, float]",
+        3 => "tuple[float, float, float]",
+        _ => "tuple[float, ...]",
+    }
+}
+
+impl<const N: usize> SettingValue for [f64; N] {
+    const TYPE: &'static str = tuple_type(N);
+    fn from_value(v: &Value) -> std::result::Result<Self, Mismatch> {
+        let Value::Seq(items) = v else { return Err(Mismatch::Type) };
+        if items.len() != N {
+            return Err(Mismatch::Len(items.len()));
+        }
+        let mut out = [0.0; N];
+        for (o, it) in out.iter_mut().zip(items) {
+            *o = f64::from_value(it).map_err(|_| Mismatch::Type)?;
+        }
+        Ok(out)
+    }
+    fn to_value(&self) -> Value {
+        Value::Seq(self.iter().map(|&f| Value::Float(f)).collect())
+    }
+    fn numbers(&self) -> Vec<f64> {
+        self.to_vec()
+    }
+}
+
+impl SettingValue for StochastRatio {
+    const TYPE: &'static str = "float | \"SDE\"";
+    fn from_value(v: &Value) -> std::result::Result<Self, Mismatch> {
+        match v {
+            Value::Str(s) if s.eq_ignore_ascii_case("sde") => Ok(Self::Sde),
+            Value::Str(_) => Err(Mismatch::Range),
+            other => f64::from_value(other).map(Self::Fixed),
+        }
+    }
+    fn to_value(&self) -> Value {
+        match self {
+            Self::Fixed(s) => Value::Float(*s),
+            Self::Sde => Value::Str("SDE".into()),
+        }
+    }
+    fn numbers(&self) -> Vec<f64> {
+        match self {
+            Self::Fixed(s) => vec![*s],
+            Self::Sde => vec![],
+        }
+    }
+}
+
+impl SettingValue for SamplingStyle {
+    const TYPE: &'static str = "str";
+    fn from_value(v: &Value) -> std::result::Result<Self, Mismatch> {
+        match v {
+            Value::Str(s) => Self::parse(s).map_err(|_| Mismatch::Range),
+            _ => Err(Mismatch::Type),
+        }
+    }
+    fn to_value(&self) -> Value {
+        Value::Str(self.as_str().into())
+    }
+}
+
+/// The values a setting accepts (for tuples: every element).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Range {
+    /// Finite numbers between `lo` and `hi`; `*_open` excludes the bound.
+    Num { lo: f64, lo_open: bool, hi: f64, hi_open: bool },
+    Choices(&'static [&'static str]),
+    /// Any value of the type (the boolean switches).
+    Any,
+}
+
+impl Range {
+    const fn closed(lo: f64, hi: f64) -> Self {
+        Range::Num { lo, lo_open: false, hi, hi_open: false }
+    }
+
+    fn contains(&self, v: f64) -> bool {
+        match *self {
+            Range::Num { lo, lo_open, hi, hi_open } => {
+                (if lo_open { v > lo } else { v >= lo }) && (if hi_open { v < hi } else { v <= hi })
+            }
+            _ => true,
+        }
+    }
+
+    /// "in [0, 1]", "> 0", "one of \"few\", ..."
+    pub fn describe(&self) -> String {
+        match *self {
+            Range::Num { lo, lo_open, hi, .. } if hi.is_infinite() => {
+                format!("{} {lo}", if lo_open { ">" } else { ">=" })
+            }
+            Range::Num { lo, lo_open, hi, hi_open } => format!(
+                "in {}{lo}, {hi}{}",
+                if lo_open { "(" } else { "[" },
+                if hi_open { ")" } else { "]" }
+            ),
+            Range::Choices(c) => format!("one of {}", c.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")),
+            Range::Any => "True or False".into(),
+        }
+    }
+}
+
+/// One sampler setting as declared in [`sampler_settings!`].
+#[derive(Clone, Copy, Debug)]
+pub struct SettingSpec {
+    pub name: &'static str,
+    /// The type as Python writes it ("int", "float", "tuple[float, float]", ...).
+    pub type_name: &'static str,
+    pub range: Range,
+    /// A rule across the elements of a tuple, beyond `range`.
+    pub rule: Option<&'static str>,
+    pub doc: &'static str,
+    /// Part of the sampler's configuration (saved by `to_dict`, shapes the time grid);
+    /// `false` for the run-time switches.
+    pub saved: bool,
+}
+
+impl SettingSpec {
+    /// What the setting accepts, in words ("each value > 0; g0 + g1 < 1").
+    pub fn range_text(&self) -> String {
+        let each = if self.type_name.starts_with("tuple") { "each value " } else { "" };
+        let mut s = format!("{each}{}", self.range.describe());
+        if let Some(r) = self.rule {
+            s.push_str("; ");
+            s.push_str(r);
+        }
+        s
+    }
+
+    fn convert<T: SettingValue>(&self, v: &Value) -> Result<T> {
+        T::from_value(v).map_err(|m| match m {
+            Mismatch::Type => Error::Type(format!("{} must be {}, got {}", self.name, self.type_name, v.type_name())),
+            Mismatch::Range => self.out_of_range(&v.show()),
+            Mismatch::Len(n) => Error::config(self.name, format!("expected {}, got {n} values", self.type_name)),
+        })
+    }
+
+    fn out_of_range(&self, shown: &str) -> Error {
+        Error::config(self.name, format!("must be {}, got {shown}", self.range_text()))
+    }
+
+    /// Finite and inside `range`, element by element.
+    fn check<T: SettingValue>(&self, value: &T) -> Result<()> {
+        let numbers = value.numbers();
+        check_finite(self.name, &numbers)?;
+        if numbers.iter().all(|&x| self.range.contains(x)) {
+            Ok(())
+        } else {
+            Err(self.out_of_range(&value.to_value().show()))
+        }
+    }
+}
+
+/// Declares every sampler setting once: the [`SamplerConfig`] field with its type and
+/// default, its range and doc. The validation, `get`/`set` by name (what the bindings use)
+/// and the exported table [`SAMPLER_SETTINGS`] all come from here.
+macro_rules! sampler_settings {
+    ($( $(#[doc = $doc:literal])+ $name:ident : $ty:ty = $default:expr, range: $range:expr, rule: $rule:expr, saved: $saved:expr; )*) => {
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct SamplerConfig {
+            $( $(#[doc = $doc])+ pub $name: $ty, )*
+        }
+
+        impl Default for SamplerConfig {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        /// Every sampler setting in declaration order.
+        pub const SAMPLER_SETTINGS: &[SettingSpec] = &[
+            $( SettingSpec {
+                name: stringify!($name),
+                type_name: <$ty as SettingValue>::TYPE,
+                range: $range,
+                rule: $rule,
+                doc: concat!($($doc, "\n"),+),
+                saved: $saved,
+            }, )*
+        ];
+
+        impl SamplerConfig {
+            /// The setting `name` as a [`Value`] (None for an unknown name).
+            pub fn get(&self, name: &str) -> Option<Value> {
+                match name {
+                    $( stringify!($name) => Some(self.$name.to_value()), )*
+                    _ => None,
+                }
+            }
+
+            /// Set `name` from a [`Value`]: `Error::Type` for a wrong kind or an unknown name,
+            /// `Error::Config` for a value outside the setting's range.
+            pub fn set(&mut self, name: &str, v: &Value) -> Result<()> {
+                match name {
+                    $( stringify!($name) => self.$name = spec(stringify!($name)).convert(v)?, )*
+                    _ => return Err(Error::Type(format!("unknown sampler setting {name:?}"))),
+                }
+                Ok(())
+            }
+
+            /// Every setting finite and inside its declared range.
+            fn check_ranges(&self) -> Result<()> {
+                $( spec(stringify!($name)).check(&self.$name)?; )*
+                Ok(())
+            }
+        }
+    };
+}
+
+/// The declaration of setting `name` (a name from the macro itself: always present).
+fn spec(name: &str) -> &'static SettingSpec {
+    SAMPLER_SETTINGS.iter().find(|s| s.name == name).expect("declared setting")
+}
+
+const RFBA_RULE: &str = "g0 + g1 < 1";
+
+sampler_settings! {
+    /// Number of model evaluations with order 1; order 2 uses ceil(steps / 2) intervals.
+    sampling_steps: usize = 20, range: Range::closed(1.0, MAX_SAMPLING_STEPS as f64), rule: None, saved: true;
+    /// Share s of fresh noise mixed in at each step: 0 is deterministic, "SDE" recomputes
+    /// s = min(1, 2·t_c·|t_c − t_n| / t_n²) for every interval.
+    stochast_ratio: StochastRatio = StochastRatio::Fixed(0.0), range: Range::closed(0.0, 1.0), rule: None, saved: true;
+    /// Extrapolate x̂ and ẑ from the previous interval by this ratio (from the third interval).
+    extrapol_ratio: f64 = 0.0, range: Range::closed(0.0, MAX_EXTRAPOL_RATIO), rule: None, saved: true;
+    /// 1: one evaluation per interval; 2: Heun corrector (2n − 1 evaluations).
+    sampling_order: u32 = 1, range: Range::closed(1.0, 2.0), rule: None, saved: true;
+    /// Kumaraswamy warp (a, b, c) of the time grid: u ↦ (1 − (1 − u^a)^b)^c.
+    time_dist_ctrl: [f64; 3] = [1.0, 1.0, 1.0],
+        range: Range::Num { lo: 0.0, lo_open: true, hi: f64::INFINITY, hi_open: true }, rule: None, saved: true;
+    /// Gaps (g0, g1) cut from the start and the end of the grid before warping.
+    rfba_gap_steps: [f64; 2] = [0.0, 0.0],
+        range: Range::Num { lo: 0.0, lo_open: false, hi: f64::INFINITY, hi_open: true }, rule: Some(RFBA_RULE), saved: true;
+    /// Target time tt of each model call: "few" → 0, "mul" → t_c, "any" → t_n.
+    sampling_style: SamplingStyle = SamplingStyle::Few, range: Range::Choices(&["few", "mul", "any"]), rule: None, saved: true;
+    /// Use the fused CPU kernels where the tensors allow it (False: libtorch ops everywhere).
+    use_fused_kernel: bool = true, range: Range::Any, rule: None, saved: false;
+    /// Refuse NaN/Inf noise and stop at the first step whose result is not finite, naming it.
+    check_finite: bool = true, range: Range::Any, rule: None, saved: false;
+}
 
 /// Names accepted by [`SamplerConfig::preset`].
 pub const PRESET_NAMES: [&str; 5] = ["1-nfe", "2-nfe", "4-nfe", "any-step", "multi-step"];
@@ -153,57 +491,13 @@ impl SamplerConfig {
         }
     }
 
-    /// Every rule of SPEC §2; the error names the offending field.
+    /// Every declared range, then the rule across `rfba_gap_steps`; the error names the
+    /// offending setting.
     pub fn validate(&self) -> Result<()> {
-        let finite = check_finite;
-        if self.sampling_steps < 1 || self.sampling_steps > MAX_SAMPLING_STEPS {
-            return Err(Error::config(
-                "sampling_steps",
-                format!("must be in [1, {MAX_SAMPLING_STEPS}], got {}", self.sampling_steps),
-            ));
-        }
-        if let StochastRatio::Fixed(s) = self.stochast_ratio {
-            finite("stochast_ratio", &[s])?;
-            if !(0.0..=1.0).contains(&s) {
-                return Err(Error::config(
-                    "stochast_ratio",
-                    format!("must be in [0, 1] or \"SDE\", got {s}"),
-                ));
-            }
-        }
-        finite("extrapol_ratio", &[self.extrapol_ratio])?;
-        if !(0.0..=MAX_EXTRAPOL_RATIO).contains(&self.extrapol_ratio) {
-            return Err(Error::config(
-                "extrapol_ratio",
-                format!("must be in [0, {MAX_EXTRAPOL_RATIO}], got {}", self.extrapol_ratio),
-            ));
-        }
-        if !matches!(self.sampling_order, 1 | 2) {
-            return Err(Error::config(
-                "sampling_order",
-                format!("must be 1 or 2, got {}", self.sampling_order),
-            ));
-        }
-        finite("time_dist_ctrl", &self.time_dist_ctrl)?;
-        if self.time_dist_ctrl.iter().any(|&v| v <= 0.0) {
-            return Err(Error::config(
-                "time_dist_ctrl",
-                format!("(a, b, c) must all be > 0, got {:?}", self.time_dist_ctrl),
-            ));
-        }
-        finite("rfba_gap_steps", &self.rfba_gap_steps)?;
+        self.check_ranges()?;
         let [g0, g1] = self.rfba_gap_steps;
-        if g0 < 0.0 || g1 < 0.0 {
-            return Err(Error::config(
-                "rfba_gap_steps",
-                format!("gaps must be >= 0, got ({g0}, {g1})"),
-            ));
-        }
         if g0 + g1 >= 1.0 {
-            return Err(Error::config(
-                "rfba_gap_steps",
-                format!("g0 + g1 must be < 1, got ({g0}, {g1})"),
-            ));
+            return Err(Error::config("rfba_gap_steps", format!("{RFBA_RULE} required, got ({g0}, {g1})")));
         }
         Ok(())
     }
@@ -274,6 +568,44 @@ mod tests {
             assert_eq!(field_of(SamplerConfig { rfba_gap_steps: g, ..d() }), "rfba_gap_steps");
         }
         assert!(SamplingStyle::parse("bogus").is_err());
+    }
+
+    #[test]
+    fn every_declared_setting_is_a_field_with_its_default_in_range() {
+        let d = SamplerConfig::default();
+        d.validate().unwrap();
+        for spec in SAMPLER_SETTINGS {
+            let v = d.get(spec.name).unwrap_or_else(|| panic!("{} has no field", spec.name));
+            let mut c = SamplerConfig::default();
+            c.set(spec.name, &v).unwrap();
+            assert_eq!(c, d, "{}", spec.name);
+            assert!(!spec.doc.trim().is_empty() && !spec.range_text().is_empty());
+        }
+        assert!(matches!(SamplerConfig::default().set("bogus", &Value::Int(1)), Err(Error::Type(_))));
+    }
+
+    #[test]
+    fn values_convert_or_name_the_setting() {
+        let mut c = SamplerConfig::default();
+        let field = |r: Result<()>| match r {
+            Err(Error::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        // Out of the type's domain is out of range, not a type error.
+        assert_eq!(field(c.set("sampling_steps", &Value::Int(-1))), "sampling_steps");
+        assert_eq!(field(c.set("sampling_steps", &Value::BigInt("1".repeat(30)))), "sampling_steps");
+        assert_eq!(field(c.set("stochast_ratio", &Value::Str("foo".into()))), "stochast_ratio");
+        assert_eq!(field(c.set("time_dist_ctrl", &Value::Seq(vec![Value::Int(1)]))), "time_dist_ctrl");
+        for (name, v) in [("sampling_steps", Value::Float(2.0)), ("sampling_style", Value::Int(1)),
+                          ("use_fused_kernel", Value::Int(1)), ("rfba_gap_steps", Value::Str("ab".into()))] {
+            assert!(matches!(c.set(name, &v), Err(Error::Type(m)) if m.contains(name)), "{name}");
+        }
+        c.set("stochast_ratio", &Value::Str("sde".into())).unwrap();
+        c.set("time_dist_ctrl", &Value::Seq(vec![Value::Int(2), Value::Float(0.5), Value::Int(1)])).unwrap();
+        assert_eq!((c.stochast_ratio, c.time_dist_ctrl), (StochastRatio::Sde, [2.0, 0.5, 1.0]));
+        // Ranges are checked by validate (so presets and serde input get the same checks).
+        c.set("extrapol_ratio", &Value::Float(11.0)).unwrap();
+        assert_eq!(field(c.validate()), "extrapol_ratio");
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! twinflow core: the UCGM UnifiedSampler (and, later, the TwinFlow losses) on libtorch.
+//! twinflow core: the UCGM sampler's arithmetic and the TwinFlow objective on libtorch.
 //!
-//! Plain Rust modules hold the algorithms; `python` (feature `python`) only converts and
-//! validates at the Python boundary.
+//! Sampling: `config` declares the settings, `grid` the time grid, `stepper` walks the model
+//! evaluations one at a time and `update` holds the tensor update of each. The loop that
+//! calls the model is Python's (`twinflow.UnifiedSampler.sample`). Plain Rust modules hold
+//! the algorithms; `python` (feature `python`) only converts and validates at the boundary.
 
 pub mod config;
 pub mod error;
@@ -10,14 +12,15 @@ pub mod grid;
 pub mod pool;
 pub mod rng;
 pub mod sampler;
-pub mod step;
 pub mod stepper;
 pub mod train;
+pub mod update;
 
 #[cfg(feature = "python")]
 mod python;
 
-pub use config::{SamplerConfig, SamplingStyle, StochastRatio};
+pub use config::{SamplerConfig, SamplingStyle, StochastRatio, SAMPLER_SETTINGS};
 pub use error::{Error, Result};
 pub use rng::{GlobalRng, Rng};
-pub use sampler::{Sampler, VelocityModel};
+pub use sampler::Sampler;
+pub use stepper::Stepper;

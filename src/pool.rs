@@ -12,7 +12,7 @@ use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Below this many elements a single thread is faster than waking a pool.
-const MIN_PARALLEL: usize = 1 << 15;
+pub const MIN_PARALLEL: usize = 1 << 15;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pool {

@@ -1,15 +1,17 @@
 """twinflow: one- and few-step generation for flow-matching models.
 
-The sampler math runs in a Rust core on libtorch (``twinflow._core``).
+``UnifiedSampler.sample`` is a Python loop (``twinflow.sampler``); the update between model
+calls and the training objective run in a Rust core on libtorch (``twinflow._core``).
 """
 
 # torch must be imported first: it loads libtorch (and libtorch_python) that the
 # native module links against.
 import torch  # noqa: F401
 
-from ._core import MAX_SAMPLING_STEPS, UnifiedSampler, __version__, ucgm_step
+from ._core import MAX_SAMPLING_STEPS, __version__, ucgm_step
 from ._logging import get_verbosity, set_verbosity
 from .losses import TwinFlowLoss
+from .sampler import UnifiedSampler
 
 
 # Names whose modules import diffusers: loaded only when asked for.

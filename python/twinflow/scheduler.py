@@ -4,10 +4,11 @@ FlowMatchEulerDiscreteScheduler).
     pipe.scheduler = TwinFlowScheduler.from_config(pipe.scheduler.config, stochast_ratio=1.0)
 
 Every model evaluation is one `step`, computed by the Rust core's stepper (the same code as
-``UnifiedSampler.sample``). Order 2 duplicates timesteps like FlowMatchHeunDiscreteScheduler,
-so a pipeline calls its transformer 2n − 1 times. Keys of a FlowMatchEuler config that do not
-apply here (shift, use_dynamic_shifting, ...) are ignored, and with ``time_grid="ucgm"`` the
-sigmas/mu that pipelines pass are ignored too.
+``UnifiedSampler.sample``); the noise of stochastic steps is drawn here. Order 2 duplicates
+timesteps like FlowMatchHeunDiscreteScheduler, so a pipeline calls its transformer 2n − 1
+times. Keys of a FlowMatchEuler config that do not apply here (shift, use_dynamic_shifting,
+...) are ignored, and with ``time_grid="ucgm"`` the sigmas/mu that pipelines pass are ignored
+too.
 
 Reproducibility: stochastic steps draw from ``generator`` when `step` gets one. Stock
 pipelines (QwenImage, ZImage, SD3) never pass it, so otherwise the scheduler seeds its own
@@ -33,12 +34,16 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from ._core import MAX_SAMPLING_STEPS, SamplerStepper, UnifiedSampler
+from ._core import SAMPLER_SETTINGS, SamplerSettings, Stepper
 
 __all__ = ["TwinFlowScheduler", "TwinFlowSchedulerOutput", "TwinFlowPresetScheduler", "preset_for_steps",
            "scheduler_for_steps"]
 
 _TIME_GRIDS = ("ucgm", "pipeline")
+# Types, defaults and ranges of the sampler settings come from the Rust core's declaration.
+_SETTING = {s["name"]: s for s in SAMPLER_SETTINGS}
+_DEFAULT = {name: s["default"] for name, s in _SETTING.items()}
+_MAX_STEPS = int(_SETTING["sampling_steps"]["max"])
 
 # Which TwinFlowScheduler a patched transformer last read tt from (diffusers_patch calls
 # ``_note_tt_read``), per thread: `step` refuses to advance when the model read another one's.
@@ -81,12 +86,12 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
     def __init__(
         self,
         num_train_timesteps: int = 1000,
-        stochast_ratio: Union[float, str] = 0.0,
-        extrapol_ratio: float = 0.0,
-        sampling_order: int = 1,
-        time_dist_ctrl: Sequence[float] = (1.0, 1.0, 1.0),
-        rfba_gap_steps: Sequence[float] = (0.0, 0.0),
-        sampling_style: str = "few",
+        stochast_ratio: Union[float, str] = _DEFAULT["stochast_ratio"],
+        extrapol_ratio: float = _DEFAULT["extrapol_ratio"],
+        sampling_order: int = _DEFAULT["sampling_order"],
+        time_dist_ctrl: Sequence[float] = _DEFAULT["time_dist_ctrl"],
+        rfba_gap_steps: Sequence[float] = _DEFAULT["rfba_gap_steps"],
+        sampling_style: str = _DEFAULT["sampling_style"],
         time_grid: str = "ucgm",
     ):
         if time_grid not in _TIME_GRIDS:
@@ -98,7 +103,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
         self.num_inference_steps: Optional[int] = None
-        self._stepper: Optional[SamplerStepper] = None
+        self._stepper: Optional[Stepper] = None
         self._begin_index: Optional[int] = None
         self._generator: Optional[torch.Generator] = None
         self._started = False
@@ -109,14 +114,14 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
     def preset(cls, name: str, **overrides) -> "TwinFlowScheduler":
         """A published preset ("1-nfe", "2-nfe", "4-nfe", "any-step", "multi-step") as a
         scheduler; pass its step count as the pipeline's num_inference_steps."""
-        settings = UnifiedSampler.preset(name).to_dict()
+        settings = SamplerSettings.preset(name).to_dict()
         settings.pop("sampling_steps")
         settings.update(overrides)
         return cls(**settings)
 
-    def _sampler(self, steps: int) -> UnifiedSampler:
+    def _sampler(self, steps: int) -> SamplerSettings:
         c = self.config
-        return UnifiedSampler(
+        return SamplerSettings(
             sampling_steps=steps, stochast_ratio=c.stochast_ratio, extrapol_ratio=c.extrapol_ratio,
             sampling_order=c.sampling_order, time_dist_ctrl=tuple(c.time_dist_ctrl),
             rfba_gap_steps=tuple(c.rfba_gap_steps), sampling_style=c.sampling_style)
@@ -154,7 +159,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
             grid = [float(s) for s in (sigmas.tolist() if hasattr(sigmas, "tolist") else sigmas)]
             while grid and grid[-1] == 0.0:  # a trailing terminal 0 is implied
                 grid.pop()
-            stepper = SamplerStepper(self._sampler(max(1, len(grid))), grid)
+            stepper = Stepper(self._sampler(max(1, len(grid))), grid)
         else:
             steps = num_inference_steps
             if steps is None:
@@ -162,11 +167,11 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
                 if given is None:
                     raise ValueError("num_inference_steps: required (or pass sigmas/timesteps)")
                 steps = len(given)
-            if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_SAMPLING_STEPS:
-                raise ValueError(f"num_inference_steps: must be an int in [1, {MAX_SAMPLING_STEPS}], got {steps!r}")
-            stepper = SamplerStepper(self._sampler(steps))
+            if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= _MAX_STEPS:
+                raise ValueError(f"num_inference_steps: must be an int in [1, {_MAX_STEPS}], got {steps!r}")
+            stepper = Stepper(self._sampler(steps))
         evals = stepper.evals
-        eval_t = torch.tensor([e[0] for e in evals], dtype=torch.float64)
+        eval_t = torch.tensor([e.t for e in evals], dtype=torch.float64)
         self._stepper = stepper
         self._evals = evals
         self.timesteps = (eval_t * scale).to(dtype=torch.float32, device=device)
@@ -181,7 +186,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
             # A new tensor: wire transformers with set_target_time(transformer, scheduler), which
             # reads scheduler.tt at every call, to follow the move.
             self.tt = self.tt.to(device)
-        self.tt.fill_(evals[0][1])
+        self.tt.fill_(evals[0].tt)
 
     def _stock_sigmas(self, num_inference_steps: Optional[int], mu: Optional[float]) -> List[float]:
         """The sigmas FlowMatchEulerDiscreteScheduler with this config would run (the
@@ -235,12 +240,16 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
             self._generator = torch.Generator(device=sample.device).manual_seed(_seed_of(sample))
         # Work in at least float32 (as FlowMatchEuler does); return the model's dtype.
         work = torch.promote_types(sample.dtype, torch.float32)
-        prev = self._stepper.step(sample.to(work), model_output.to(work),
-                                  generator if generator is not None else self._generator)
+        k = self._stepper.position
+        eps = None
+        if k < len(self._evals) and self._evals[k].noise:
+            eps = torch.randn(sample.shape, generator=generator if generator is not None else self._generator,
+                              dtype=work, device=sample.device)
+        prev = self._stepper.step(sample.to(work), model_output.to(work), eps)
         prev = prev.to(model_output.dtype)
         k = self._stepper.position
         if k < len(self._evals):
-            self.tt.fill_(self._evals[k][1])
+            self.tt.fill_(self._evals[k].tt)
         if not return_dict:
             return (prev,)
         return TwinFlowSchedulerOutput(prev_sample=prev)
@@ -274,7 +283,7 @@ def scheduler_for_steps(steps: int, **overrides) -> TwinFlowScheduler:
 
 def _preset_step_settings(steps: int) -> dict:
     # The 1/2/4-NFE presets differ only in these two settings (SPEC §2 table).
-    s = UnifiedSampler.preset(preset_for_steps(steps)).to_dict()
+    s = SamplerSettings.preset(preset_for_steps(steps)).to_dict()
     return {"stochast_ratio": s["stochast_ratio"], "rfba_gap_steps": tuple(s["rfba_gap_steps"])}
 
 

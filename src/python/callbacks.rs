@@ -10,7 +10,6 @@ use tch::{Device, Kind, Tensor};
 use super::args::{check_plain_tensor, to_pyerr, type_name};
 use crate::error::Error;
 use crate::rng::Rng;
-use crate::sampler::VelocityModel;
 use crate::train::{Call, CondKind, Net, TrainModel};
 
 /// The tensor a model call returned (TypeError otherwise).
@@ -20,41 +19,6 @@ fn model_output(out: &Bound<'_, PyAny>) -> PyResult<PyTensor> {
         .map_err(|_| PyTypeError::new_err(format!("model must return a torch.Tensor, got {}", type_name(out))))?;
     check_plain_tensor(out, "model output")?;
     Ok(t)
-}
-
-/// Calls the user's `model(x_t, t=t, tt=tt, **kwargs)`; keeps the Python error for re-raising.
-pub struct PyModel {
-    pub model: Py<PyAny>,
-    pub kwargs: Option<Py<PyDict>>,
-    pub progress: Option<Py<PyAny>>,
-    pub err: Option<PyErr>,
-}
-
-impl PyModel {
-    fn call(&self, py: Python<'_>, x: &Tensor, t: &Tensor, tt: &Tensor) -> PyResult<Tensor> {
-        let kwargs = match &self.kwargs {
-            Some(k) => k.bind(py).copy()?,
-            None => PyDict::new(py),
-        };
-        kwargs.set_item("t", PyTensor(t.shallow_clone()).into_pyobject(py)?)?;
-        kwargs.set_item("tt", PyTensor(tt.shallow_clone()).into_pyobject(py)?)?;
-        let x = PyTensor(x.shallow_clone()).into_pyobject(py)?;
-        let out = self.model.bind(py).call((x,), Some(&kwargs))?;
-        let f = model_output(&out)?;
-        if let Some(p) = &self.progress {
-            p.bind(py).call_method1("update", (1,))?;
-        }
-        Ok(f.0)
-    }
-}
-
-impl VelocityModel for PyModel {
-    fn velocity(&mut self, x: &Tensor, t: &Tensor, tt: &Tensor) -> crate::Result<Tensor> {
-        Python::with_gil(|py| self.call(py, x, t, tt)).map_err(|e| {
-            self.err = Some(e);
-            Error::Callback("model".into())
-        })
-    }
 }
 
 /// Draws through `torch.rand`/`torch.randn(shape, generator=g, dtype=..., device=...)`: the

@@ -11,9 +11,20 @@ use pyo3::prelude::*;
 
 use crate::pool;
 
-/// Choose the thread pool of the fused CPU kernels: "openmp" (libtorch's pool, the default)
-/// or "rayon". Returns the previous choice.
+/// Choose the thread pool of the fused CPU kernels.
+///
+/// Args:
+///     name: "openmp" (libtorch's pool, the default) or "rayon".
+///
+/// Returns:
+///     the previous choice.
+///
+/// Example:
+///     >>> from twinflow._core import set_cpu_pool
+///     >>> set_cpu_pool("rayon")
+///     'openmp'
 #[pyfunction]
+#[pyo3(text_signature = "(name)")]
 fn set_cpu_pool(name: &str) -> PyResult<&'static str> {
     let new = match name.to_ascii_lowercase().as_str() {
         "openmp" => pool::Pool::OpenMp,
@@ -28,8 +39,10 @@ fn set_cpu_pool(name: &str) -> PyResult<&'static str> {
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<sampler::PySampler>()?;
+    m.add_class::<sampler::PySamplerSettings>()?;
     m.add_class::<sampler::PyStepper>()?;
+    m.add_class::<sampler::PyEvaluation>()?;
+    m.add("SAMPLER_SETTINGS", sampler::settings_table(m.py())?)?;
     m.add_function(wrap_pyfunction!(sampler::ucgm_step, m)?)?;
     m.add_function(wrap_pyfunction!(set_cpu_pool, m)?)?;
     m.add_class::<train::PyObjective>()?;
