@@ -240,12 +240,7 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
 
     def train_step(self, batches) -> Dict[str, float]:
-        teacher = None
-        if self.teacher is not None:
-            decay = self.teacher.update(self.loss_fn)
-            teacher = self.teacher.module
-        else:
-            decay = None
+        decay = self.teacher.update() if self.teacher is not None else None  # the loss's own teacher
         stats: Dict[str, float] = {}
         for m in range(self.accum):
             x, cond, uncond = self._batch(next(batches), self.step, self.d.rank * self.accum + m)
@@ -254,7 +249,7 @@ class Trainer:
             with no_grad_sync(self.model, self.strategy, sync=m == self.accum - 1):
                 try:
                     with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                        loss = self.loss_fn(self.model, x, cond=cond, uncond=uncond, teacher=teacher, generator=g)
+                        loss = self.loss_fn(self.model, x, cond=cond, uncond=uncond, generator=g)
                     value = loss.detach().float().item()
                 except FloatingPointError:  # TwinFlowLoss refuses a NaN/Inf loss; every rank must still vote
                     value = float("nan")
