@@ -458,6 +458,39 @@ mod tests {
     }
 
     #[test]
+    fn times_and_noisy_inputs_follow_the_runs() {
+        tch::manual_seed(2);
+        let cfg = ObjectiveConfig::default();
+        let x = Tensor::randn([8, 2], (Kind::Double, Device::Cpu));
+        let bt = Batch::new(&x, &cfg).unwrap(); // runs of 2: e2e, mul, any, adv
+        let (t, tt) = draw_times(&cfg, &mut GlobalRng, &bt).unwrap();
+        let v = |a: &Tensor| Vec::<f64>::try_from(a).unwrap();
+        let (tv, ttv) = (v(&t), v(&tt));
+        assert_eq!((tv[0], tv[1], ttv[0], ttv[1]), (1.0, 1.0, 0.0, 0.0)); // e2e: 1 → 0
+        assert!((2..4).all(|i| tv[i] - ttv[i] <= 0.05 * tv[i] + 1e-12)); // mul: tt = t_min
+        let (x_t, target) = noisy_inputs(&mut GlobalRng, &bt, &x, &t, &tt).unwrap();
+        let (t2, tt2) = (v(&t), v(&tt));
+        assert!((6..8).all(|i| t2[i] == -tv[i] && tt2[i] == -tv[i])); // adv rows carry −t
+        // x_t = t·z + (1 − t)·x with z = target + x, at the times drawn (+t)
+        let z = &target + &x;
+        let want = bt.interpolate(&x, &z, &Tensor::from_slice(&tv)).unwrap();
+        assert!((x_t - want).abs().max().double_value(&[]) < 1e-12);
+    }
+
+    #[test]
+    fn without_rcgm_the_base_averages_only_mul_and_adv_rows() {
+        let cfg = ObjectiveConfig { estimate_order: 0, loss: LossKind::L2, ..ObjectiveConfig::default() };
+        let x = Tensor::zeros([8, 2], (Kind::Double, Device::Cpu));
+        let bt = Batch::new(&x, &cfg).unwrap();
+        let f = Tensor::arange(16, (Kind::Double, Device::Cpu)).view([8, 2]);
+        let t = Tensor::full([8], 0.5, (Kind::Double, Device::Cpu));
+        let (lw, base) = weighted_loss(&cfg, &bt, &f, &x, &t, &t).unwrap();
+        let lw: Vec<f64> = Vec::try_from(&lw).unwrap();
+        let want = (lw[2] + lw[3] + lw[6] + lw[7]) / 4.0;
+        assert!((base.double_value(&[]) - want).abs() < 1e-9);
+    }
+
+    #[test]
     fn gradients_reach_the_parameters_and_stay_finite() {
         for recipe in ["twinflow", "rcgm", "flow_matching"] {
             for loss in [LossKind::L2, LossKind::Barron { alpha: 1.0, c: 1e-3 }] {
