@@ -19,7 +19,7 @@ import torch
 
 from .._lock import OutputDirLock
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import RunConfig
 from .distributed import Dist, no_grad_sync, resolve_strategy, shard, wrap
 from .models import FAMILIES, TextEncoder, TwinFlowModel, add_lora, load_transformer, load_vae
 from .teacher import ONLINE_ADAPTER, TEACHER_ADAPTER, bind_full, make_teacher
@@ -65,7 +65,7 @@ def save_grid(images: torch.Tensor, path: pathlib.Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, dataset_path, output_dir, d: Dist, resume: Optional[str] = None,
+    def __init__(self, cfg: RunConfig, *, dataset_path, output_dir, d: Dist, resume: Optional[str] = None,
                  progress: bool = True, overwrite: bool = False):
         self._lock = None
         try:
