@@ -181,11 +181,40 @@ fn cond_arg(obj: Option<&Bound<'_, PyAny>>, field: &str, batch: i64) -> PyResult
         .map(Some)
 }
 
+/// The batch `x` of a step: a finite floating-point tensor with a batch dimension.
+fn batch_arg(x: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    let xt = tensor_arg(x, "x")?;
+    let kind = xt.f_kind().map_err(|e| to_pyerr(e.into()))?;
+    if !is_float(kind) {
+        return Err(PyTypeError::new_err(format!("x must be a floating-point tensor, got {kind:?}")));
+    }
+    if xt.dim() == 0 {
+        return Err(PyValueError::new_err("x must have a batch dimension (got a 0-dim tensor)"));
+    }
+    if !all_finite(&xt).map_err(to_pyerr)? {
+        return Err(PyValueError::new_err("x contains NaN or Inf"));
+    }
+    Ok(xt)
+}
+
 /// The TwinFlow objective (the Rust half of ``twinflow.TwinFlowLoss``).
 ///
 /// Args:
 ///     recipe: ``"twinflow"``, ``"rcgm"`` or ``"flow_matching"``.
 ///     **settings: overrides, any of ``LOSS_SETTINGS`` (None keeps the recipe's value).
+///
+/// Calling it, ``obj(model, x, cond=None, uncond=None, teacher=None, generator=None,
+/// batch_calls=True)``, runs one step and returns ``(loss, stats, model_calls)``:
+///
+///     model: ``model(x_t, t=t, tt=tt, c=cond_rows)`` returning the velocity.
+///     x: the batch, rows first (floating point, finite).
+///     cond, uncond: lists of batch-first tensors (``uncond`` enables the enhanced target).
+///     teacher: called for the teacher's terms (the online model when None).
+///     generator: the ``torch.Generator`` of every random draw (global RNG when None).
+///     batch_calls: run independent no-grad calls (teacher cond + uncond; the two
+///         distribution-matching calls) as one call each; False for models whose rows
+///         are not independent (BatchNorm in training mode).
+///     stats: a tensor in ``STAT_NAMES`` order.
 ///
 /// Example:
 ///     >>> obj = TwinFlowObjective("rcgm", estimate_order=3)
@@ -205,26 +234,7 @@ impl PyObjective {
         Ok(Self { cfg })
     }
 
-    /// __call__(self, model, x, cond=None, uncond=None, teacher=None, generator=None, batch_calls=True)
-    /// --
-    ///
-    /// One step's loss.
-    ///
-    /// Args:
-    ///     model: ``model(x_t, t=t, tt=tt, c=cond_rows)`` returning the velocity.
-    ///     x: the batch, rows first (floating point, finite).
-    ///     cond, uncond: lists of batch-first tensors (``uncond`` enables the enhanced target).
-    ///     teacher: called for the teacher's terms (the online model when None).
-    ///     generator: the ``torch.Generator`` of every random draw (global RNG when None).
-    ///     batch_calls: run independent no-grad calls (teacher cond + uncond; the two
-    ///         distribution-matching calls) as one call each; False for models whose rows
-    ///         are not independent (BatchNorm in training mode).
-    ///
-    /// Returns:
-    ///     (loss, stats tensor in ``STAT_NAMES`` order, number of model calls).
-    ///
-    /// Example:
-    ///     >>> loss, stats, calls = obj(model, x, cond=[labels], uncond=[null_labels])
+    /// One step's loss (see the class docs).
     #[pyo3(signature = (model, x, cond=None, uncond=None, teacher=None, generator=None, batch_calls=true))]
     #[allow(clippy::too_many_arguments)]
     fn __call__(
@@ -238,17 +248,7 @@ impl PyObjective {
         generator: Option<Bound<'_, PyAny>>,
         batch_calls: bool,
     ) -> PyResult<(PyTensor, PyTensor, usize)> {
-        let xt = tensor_arg(x, "x")?;
-        let kind = xt.f_kind().map_err(|e| to_pyerr(e.into()))?;
-        if !is_float(kind) {
-            return Err(PyTypeError::new_err(format!("x must be a floating-point tensor, got {kind:?}")));
-        }
-        if xt.dim() == 0 {
-            return Err(PyValueError::new_err("x must have a batch dimension (got a 0-dim tensor)"));
-        }
-        if !all_finite(&xt).map_err(to_pyerr)? {
-            return Err(PyValueError::new_err("x contains NaN or Inf"));
-        }
+        let xt = batch_arg(x)?;
         if !model.is_callable() {
             return Err(PyTypeError::new_err(format!("model must be callable, got {}", type_name(model))));
         }

@@ -385,15 +385,31 @@ mod tests {
         }
     }
 
+    /// Deterministic draws from a hash of a counter: tests run in parallel threads, which
+    /// would share (and race on) libtorch's global generator.
+    struct Counter(f64);
+    impl Rng for Counter {
+        fn rand(&mut self, shape: &[i64], (kind, dev): (Kind, Device)) -> Result<Tensor> {
+            let n: i64 = shape.iter().product();
+            let k = Tensor::f_arange(n, (Kind::Double, Device::Cpu))?.f_add_scalar(self.0)?;
+            self.0 += n as f64;
+            let u = k.f_sin()?.f_mul_scalar(43758.5453)?.f_frac()?.f_abs()?; // in [0, 1)
+            Ok(u.f_view(shape)?.f_to_kind(kind)?.f_to_device(dev)?)
+        }
+        fn randn(&mut self, shape: &[i64], opts: (Kind, Device)) -> Result<Tensor> {
+            Ok(self.rand(shape, opts)?.f_mul_scalar(3.4)?.f_sub_scalar(1.7)?)
+        }
+    }
+
     fn run_with(cfg: &ObjectiveConfig, b: i64, uncond: bool, batch: bool, kind: Kind) -> (StepOutput, Lin) {
-        tch::manual_seed(11);
-        let x = Tensor::randn([b, 2], (kind, Device::Cpu));
+        let mut rng = Counter(0.5);
+        let x = rng.randn(&[b, 2], (kind, Device::Cpu)).unwrap();
         let mut m = Lin::new();
         if kind == Kind::Double {
             m.w = m.w.detach().to_kind(kind).set_requires_grad(true);
             m.a = m.a.detach().to_kind(kind).set_requires_grad(true);
         }
-        let out = training_step(cfg, &mut m, &mut GlobalRng, &x, uncond, batch).unwrap();
+        let out = training_step(cfg, &mut m, &mut rng, &x, uncond, batch).unwrap();
         (out, m)
     }
 
