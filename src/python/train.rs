@@ -290,6 +290,7 @@ impl PyObjective {
         self.cfg.needs_teacher()
     }
 
+    /// The target EMA decay emd of the teacher.
     #[getter]
     fn ema_decay_rate(&self) -> f64 {
         self.cfg.ema_decay_rate

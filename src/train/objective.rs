@@ -494,6 +494,31 @@ mod tests {
     }
 
     #[test]
+    fn fakes_replace_only_the_adv_rows_and_leave_x_untouched() {
+        let x = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).view([8, 1]);
+        let x0 = x.copy();
+        for image_free in [false, true] {
+            let cfg = ObjectiveConfig { use_image_free: image_free, ..ObjectiveConfig::default() };
+            let bt = Batch::new(&x, &cfg).unwrap();
+            let mut m = Lin::new();
+            m.w = Tensor::zeros([1, 1], (Kind::Double, Device::Cpu));
+            m.a = Tensor::ones([1], (Kind::Double, Device::Cpu));
+            let mut net = Caller { model: &mut m, kind: Kind::Double, calls: 0, batch: true };
+            let mut rng = Counter(0.25);
+            let data = data_with_fakes(&cfg, &mut net, &mut rng, &bt, &x).unwrap();
+            // F(z, 1, 0) = 0·z + 1·1 + 0.5·0 = 1, so a fake is z − 1 with z the first draw
+            let z = Counter(0.25).randn(&[if image_free { 8 } else { 2 }, 1], (Kind::Double, Device::Cpu)).unwrap();
+            let fakes = if image_free { data.shallow_clone() } else { data.narrow(0, 6, 2) };
+            assert!((fakes - (z - 1.0)).abs().max().double_value(&[]) < 1e-12, "image_free={image_free}");
+            if !image_free {
+                assert!(data.narrow(0, 0, 6).equal(&x0.narrow(0, 0, 6)));
+            }
+            assert!(x.equal(&x0), "the caller's x changed");
+            assert_eq!(m.calls, vec![Call::one(Net::Online, false, if image_free { 0..8 } else { 6..8 }, CondKind::Cond)]);
+        }
+    }
+
+    #[test]
     fn without_rcgm_the_base_averages_only_mul_and_adv_rows() {
         let cfg = ObjectiveConfig { estimate_order: 0, loss: LossKind::L2, ..ObjectiveConfig::default() };
         let x = Tensor::zeros([8, 2], (Kind::Double, Device::Cpu));
