@@ -84,10 +84,12 @@ def _loss_settings(self) -> Dict[str, Any]:
 TwinFlowConfig = dataclasses.make_dataclass(
     "TwinFlowConfig",
     [("recipe", str, field(default="twinflow"))]
-    + [(s["name"], Optional[_PY_TYPES[s["type"]]], field(default=None)) for s in LOSS_SETTINGS],
+    + [(s["name"], Optional[_PY_TYPES[s["type"]]], field(default=None)) for s in LOSS_SETTINGS]
+    # false: one model call per independent pair (less peak memory; models whose rows interact)
+    + [("batch_calls", bool, field(default=True))],
     namespace={"settings": _loss_settings,
-               "__doc__": "Keyword settings of ``twinflow.TwinFlowLoss`` (``_core.LOSS_SETTINGS``; "
-                          "validated by constructing it)."},
+               "__doc__": "Keyword settings of ``twinflow.TwinFlowLoss`` (``_core.LOSS_SETTINGS``, "
+                          "and ``batch_calls``; validated by constructing it)."},
 )
 TwinFlowConfig.__module__ = __name__
 
