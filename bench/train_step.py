@@ -11,7 +11,8 @@ Model: a ~2M-parameter class-conditional UNet stand-in for 1×28×28 MNIST-like 
 embeddings of the signed t and of tt, a label embedding with a "null" class for ``uncond``).
 Data: random images in [−1, 1] and random labels (the work per step does not depend on the
 values).  ``cond = [labels]`` and ``uncond = [null labels]`` are passed, so the TwinFlow
-recipe runs all its model calls (8 per step with N = 2; RCGM 5; flow matching 1).
+recipe runs all its model calls (8 per step with N = 2, 6 once TwinFlowLoss batches its
+independent pairs; RCGM 5, batched 4; flow matching 1).
 
 For each recipe (twinflow, rcgm, flow_matching) it compares, in the same run:
 

@@ -103,3 +103,33 @@ def test_file_errors(tmp_path):
     expect_error(ValueError, lambda: load_config(bad), contains=("bad.yaml", "invalid YAML"))
     bad.write_text("- a\n- b\n")
     expect_error(TypeError, lambda: load_config(bad), contains=("bad.yaml", "mapping"))
+
+
+def test_objective_section_is_the_rust_declaration():
+    """twinflow: holds exactly the objective's settings as _core.LOSS_SETTINGS declares them."""
+    import dataclasses
+
+    from twinflow._core import LOSS_SETTINGS
+    from twinflow.training.config import TwinFlowConfig
+
+    names = [f.name for f in dataclasses.fields(TwinFlowConfig)]
+    assert names == ["recipe"] + [s["name"] for s in LOSS_SETTINGS] + ["batch_calls"]
+    cfg = parse_config({"model": {"name": "sd3", "pretrained_model_name_or_path": "x"},
+                        "twinflow": {"estimate_order": 3, "sub_batches": {"e2e": 1, "mul": 1, "any": 1, "adv": 0}}})
+    assert cfg.twinflow.settings() == {"estimate_order": 3, "batch_calls": True,
+                                       "sub_batches": {"e2e": 1.0, "mul": 1.0, "any": 1.0, "adv": 0.0}}
+    from twinflow import TwinFlowLoss
+
+    off = parse_config({"model": {"name": "sd3", "pretrained_model_name_or_path": "x"},
+                        "twinflow": {"batch_calls": False}})
+    assert TwinFlowLoss(off.twinflow.recipe, **off.twinflow.settings()).batch_calls is False
+    expect_error(TypeError, lambda: parse_config({"model": {"name": "sd3", "pretrained_model_name_or_path": "x"},
+                                                  "twinflow": {"estimate_order": 1.5}}),
+                 contains=("twinflow.estimate_order",))
+
+
+def test_train_config_is_a_deprecated_name_of_run_config():
+    from twinflow.training import config
+
+    with pytest.warns(DeprecationWarning, match="RunConfig"):
+        assert config.TrainConfig is config.RunConfig

@@ -184,7 +184,7 @@ def test_single_process_full(env, single):
     assert [r["step"] for r in m] == [1, 2]
     for r in m:
         assert {"loss", "base", "dist_match", "e2e", "mul", "any", "adv", "grad_norm", "images_per_s",
-                "memory_mib"} <= set(r) and r["model_calls"] == 8 and np.isfinite(r["loss"])
+                "memory_mib"} <= set(r) and r["model_calls"] == 6 and np.isfinite(r["loss"])  # 8, two pairs batched
     assert m[0]["ema_decay"] == 0.0 and m[1]["ema_decay"] == pytest.approx(0.495)
     assert (single / "samples" / "step-000002.png").is_file()
 
@@ -309,7 +309,9 @@ def test_qwen_image_precomputed(tmp_path, capsys):
                   "training.max_steps=2") == 0
     w = _weights(out / "checkpoints" / "step-000002")
     assert {f"time_text_embed_2.timestep_embedder.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")} <= set(w)
-    assert all(np.isfinite(r["loss"]) and r["model_calls"] == 8 for r in _metrics(out))
+    # 8 calls, the distribution-matching pair batched; the guidance pair stays two calls (the
+    # empty prompt's embeddings are shorter than the batch's, so cond and uncond do not join)
+    assert all(np.isfinite(r["loss"]) and r["model_calls"] == 7 for r in _metrics(out))
     assert (out / "samples" / "step-000002.png").is_file()
 
 

@@ -1,46 +1,75 @@
 """The TwinFlow training objective (SPEC §3) for any PyTorch training loop.
 
 The loss itself runs in the Rust core (``twinflow._core.TwinFlowObjective``); this module
-only keeps the teacher module (an EMA or frozen copy of the model) and its state.
-Conventions (call order, random draws, dtypes): docs/training.md.
+keeps the teacher (:class:`twinflow.ema.EmaTeacher`) and the last step's diagnostics.
+The settings are declared once, in Rust: ``_core.LOSS_SETTINGS`` (name, type, default,
+bounds, doc), shown in ``TwinFlowLoss.__doc__``. Conventions (call order, random draws,
+dtypes): docs/training.md.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from ._core import TwinFlowObjective, barron_loss, l2_loss, split_sub_batches, time_weight
+from ._core import LOSS_SETTINGS, STAT_NAMES, TwinFlowObjective, barron_loss, l2_loss, split_sub_batches, time_weight
+from .ema import EmaTeacher
 
-__all__ = ["TwinFlowLoss", "barron_loss", "l2_loss", "split_sub_batches", "time_weight"]
+__all__ = ["TwinFlowLoss", "EmaTeacher", "LOSS_SETTINGS", "barron_loss", "l2_loss", "split_sub_batches",
+           "time_weight"]
 
-_STATS = ("loss", "base", "dist_match", "e2e", "mul", "any", "adv")
+_STATS = tuple(STAT_NAMES)
+
+
+def _settings_doc() -> str:
+    """One line per setting of ``LOSS_SETTINGS``: name, type, default, bounds, doc."""
+    lines = []
+    for s in LOSS_SETTINGS:
+        b = s["bounds"]
+        rng = ""
+        if b is not None:
+            lo, lo_open, hi = b
+            rng = f"; {'(' if lo_open else '['}{lo}, {hi}]"
+        choices = f"; one of {', '.join(map(repr, s['choices']))}" if s["choices"] else ""
+        lines.append(f"    {s['name']} ({s['type']}, default {s['default']!r}{rng}{choices}): {s['doc']}.")
+    return "\n".join(lines)
 
 
 class TwinFlowLoss:
     """``loss = loss_fn(model, x, cond=None, uncond=None, teacher=None, generator=None)``.
 
     ``recipe`` is ``"twinflow"``, ``"rcgm"`` or ``"flow_matching"`` (SPEC §3.7); keyword
-    settings override it: consistc_ratio, ema_decay_rate, enhanced_ratio, enhanced_range,
-    time_dist_ctrl, estimate_order, loss ("barron" | "l2"), barron_alpha, barron_c,
-    dist_match_cof, use_image_free, sub_batches ({"e2e", "mul", "any", "adv"} weights).
+    settings (``LOSS_SETTINGS``; defaults are the TwinFlow recipe's) override it:
+
+{settings}
 
     ``model(x_t, t=t, tt=tt, c=cond_rows)`` must return the velocity. ``cond`` and
     ``uncond`` are lists of batch-first tensors; the guidance-enhanced target needs ``uncond``.
     The teacher is ``teacher=`` when given (used as is, its owner updates it), else a copy of
     ``model`` made on the first call: updated by EMA every call when 0 < ema_decay_rate < 1,
     frozen when it is 1; with 0 the online model itself (no copy) is the teacher. Settings
-    whose terms never call a teacher (plain flow matching) make no copy.
+    whose terms never call a teacher (plain flow matching) make no copy. A trainer that
+    keeps its own teacher binds it to ``loss_fn.ema`` (:meth:`EmaTeacher.bind`) and calls
+    ``loss_fn.ema.update()`` itself; the loss then uses it without updating it.
+
+    ``batch_calls`` (default True): independent no-grad calls of one step (the teacher's
+    conditional and unconditional calls; the two distribution-matching calls) run as one
+    call on the concatenated rows; set False for a model whose rows are not independent
+    (BatchNorm in training mode).
     """
 
-    def __init__(self, recipe: str = "twinflow", **settings: Any) -> None:
+    def __init__(self, recipe: str = "twinflow", *, batch_calls: bool = True, **settings: Any) -> None:
         self._objective = TwinFlowObjective(recipe, **settings)
         self.recipe = recipe
-        self.teacher: Optional[torch.nn.Module] = None
+        self.batch_calls = bool(batch_calls)
+        self.ema = EmaTeacher(self._objective.ema_decay_rate)
         self._last: Optional[tuple] = None
-        self._pending_teacher: Optional[Dict[str, torch.Tensor]] = None  # from load_state_dict
+
+    @property
+    def teacher(self):
+        """The teacher the loss calls (None until a copy is made, or when the online model is it)."""
+        return self.ema.module
 
     @property
     def uses_teacher(self) -> bool:
@@ -59,36 +88,26 @@ class TwinFlowLoss:
                  uncond: Optional[Sequence[torch.Tensor]] = None, teacher=None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         decay = None
-        if teacher is None and self._objective.ema_decay_rate > 0 and self._objective.needs_teacher:
-            if self.teacher is None:
+        if teacher is None and self.ema.rate > 0 and self._objective.needs_teacher:
+            if self.ema.module is None:
                 if not isinstance(model, torch.nn.Module):
                     raise TypeError("an EMA or frozen teacher needs model to be a torch.nn.Module "
                                     "(or pass teacher=, or set ema_decay_rate=0)")
-                self.teacher = copy.deepcopy(model).requires_grad_(False)
-                if self._pending_teacher is not None:
-                    self.teacher.load_state_dict(self._pending_teacher)
-                    self._pending_teacher = None
-            self.teacher.train(model.training)
-            if self._objective.ema_decay_rate < 1:
-                decay = self._ema_update(model)
-            teacher = self.teacher
-        loss, stats, calls = self._objective(model, x, cond, uncond, teacher, generator)
+                self.ema.copy_model(model)
+            if self.ema.owns_module:  # our copy: follows this call's model, updated every call
+                self.ema.module.train(model.training)
+                self.ema.online_params, self.ema.online_buffers = list(model.parameters()), list(model.buffers())
+                decay = self.ema.update()
+            teacher = self.ema.module
+        loss, stats, calls = self._objective(model, x, cond, uncond, teacher, generator, self.batch_calls)
         self._last = (stats, calls, decay)
         return loss
 
     def ema_update(self, ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> float:
         """One EMA update of ``ema_params`` towards ``params`` (in place) on this loss's warm-up
         schedule; returns the decay used. For callers that keep their own teacher and pass it
-        as ``teacher=`` (a LoRA adapter, FSDP shards): the schedule and ``state_dict()`` are the
-        same as with the internal teacher."""
-        return self._objective.ema_update(list(ema_params), list(params))
-
-    def _ema_update(self, model: torch.nn.Module) -> float:
-        decay = self.ema_update(self.teacher.parameters(), model.parameters())
-        with torch.no_grad():  # buffers (e.g. BatchNorm statistics) follow the model
-            for b_ema, b in zip(self.teacher.buffers(), model.buffers()):
-                b_ema.copy_(b)
-        return decay
+        as ``teacher=``; prefer binding it to ``self.ema`` (:meth:`EmaTeacher.bind`)."""
+        return self.ema.schedule.update(list(ema_params), list(params))
 
     @property
     def last_stats(self) -> Dict[str, Any]:
@@ -104,26 +123,13 @@ class TwinFlowLoss:
         return out
 
     def state_dict(self) -> Dict[str, Any]:
-        decay, updates = self._objective.ema_state
-        return {
-            "teacher": None if self.teacher is None else self.teacher.state_dict(),
-            "ema_decay": decay,
-            "ema_updates": updates,
-            "config": self.config,
-        }
+        """``{"teacher": the copied teacher's weights or None, "ema_decay", "ema_updates", "config"}``."""
+        return {**self.ema.state_dict(), "config": self.config}
 
     def load_state_dict(self, state: Dict[str, Any], model: Optional[torch.nn.Module] = None) -> None:
         """Restore the EMA state and teacher weights. The teacher module is rebuilt from
         ``model`` when given, else on the next call (from that call's model)."""
-        self._objective.ema_state = (float(state["ema_decay"]), int(state["ema_updates"]))
-        weights = state.get("teacher")
-        self._pending_teacher = None
-        if weights is None:
-            self.teacher = None
-            return
-        if self.teacher is None:
-            if model is None:
-                self._pending_teacher = weights
-                return
-            self.teacher = copy.deepcopy(model).requires_grad_(False)
-        self.teacher.load_state_dict(weights)
+        self.ema.load_state_dict(state, model)
+
+
+TwinFlowLoss.__doc__ = TwinFlowLoss.__doc__.format(settings=_settings_doc())

@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 use super::args::{check_plain_tensor, to_pyerr, type_name};
 use crate::error::Error;
 use crate::rng::Rng;
-use crate::train::{Call, CondKind, Net, TrainModel};
+use crate::train::{Call, CondKind, Net, Part, TrainModel};
 
 /// The tensor a model call returned (TypeError otherwise).
 fn model_output(out: &Bound<'_, PyAny>) -> PyResult<PyTensor> {
@@ -69,36 +69,83 @@ pub struct PyTrainModel {
     pub cond: Option<Vec<Tensor>>,
     pub uncond: Option<Vec<Tensor>>,
     pub err: Option<PyErr>,
+    /// Python calls made (a batched call whose conditioning could not be joined makes several).
+    pub calls: usize,
+}
+
+/// The parts' conditioning lists joined row-wise; `None` when they cannot be (one part has a
+/// list and another not, or their tensors differ in count, trailing shape, dtype or device).
+fn join_cond(pieces: &[Option<Vec<Tensor>>]) -> Option<Option<Vec<Tensor>>> {
+    if pieces.iter().all(Option::is_none) {
+        return Some(None);
+    }
+    let lists: Vec<&Vec<Tensor>> = pieces.iter().map(Option::as_ref).collect::<Option<_>>()?;
+    let n = lists[0].len();
+    if lists.iter().any(|l| l.len() != n) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let first = &lists[0][i];
+        let same = |t: &Tensor| t.size()[1..] == first.size()[1..] && t.kind() == first.kind() && t.device() == first.device();
+        if lists.iter().any(|l| l[i].dim() == 0 || !same(&l[i])) {
+            return None;
+        }
+        out.push(Tensor::f_cat(&lists.iter().map(|l| &l[i]).collect::<Vec<_>>(), 0).ok()?);
+    }
+    Some(Some(out))
 }
 
 impl PyTrainModel {
-    fn call_py(&self, py: Python<'_>, x: &Tensor, t: &Tensor, tt: &Tensor, call: &Call) -> PyResult<Tensor> {
-        let net = match (call.net, &self.teacher) {
-            (Net::Teacher, Some(teacher)) => teacher,
-            _ => &self.model,
-        };
-        let cond = match call.cond {
+    /// The conditioning a part sees: its list with every tensor sliced to the part's rows.
+    fn part_cond(&self, part: &Part) -> PyResult<Option<Vec<Tensor>>> {
+        let list = match part.cond {
             CondKind::Cond => &self.cond,
             CondKind::Uncond => &self.uncond,
         };
-        let c = match cond {
+        let len = part.rows.end - part.rows.start;
+        list.as_ref()
+            .map(|l| l.iter().map(|c| c.f_narrow(0, part.rows.start, len).map_err(|e| to_pyerr(e.into()))).collect())
+            .transpose()
+    }
+
+    fn invoke(&mut self, py: Python<'_>, net: &Py<PyAny>, x: &Tensor, t: &Tensor, tt: &Tensor, c: Option<Vec<Tensor>>) -> PyResult<Tensor> {
+        let c = match c {
             None => py.None().into_bound(py),
-            Some(list) => {
-                let len = call.rows.end - call.rows.start;
-                let items = list
-                    .iter()
-                    .map(|c| c.f_narrow(0, call.rows.start, len).map(PyTensor).map_err(|e| to_pyerr(e.into())))
-                    .collect::<PyResult<Vec<_>>>()?;
-                PyList::new(py, items)?.into_any()
-            }
+            Some(list) => PyList::new(py, list.into_iter().map(PyTensor))?.into_any(),
         };
         let kwargs = PyDict::new(py);
         kwargs.set_item("t", PyTensor(t.shallow_clone()))?;
         kwargs.set_item("tt", PyTensor(tt.shallow_clone()))?;
         kwargs.set_item("c", c)?;
+        self.calls += 1;
         let out = net.bind(py).call((PyTensor(x.shallow_clone()),), Some(&kwargs))?;
-        let f = model_output(&out)?;
-        Ok(f.0)
+        Ok(model_output(&out)?.0)
+    }
+
+    /// One Python call for the whole `call` when its parts' conditioning joins, else one per
+    /// part (outputs concatenated, so the caller sees one tensor either way).
+    fn call_py(&mut self, py: Python<'_>, x: &Tensor, t: &Tensor, tt: &Tensor, call: &Call) -> PyResult<Tensor> {
+        let net = match (call.net, &self.teacher) {
+            (Net::Teacher, Some(teacher)) => teacher.clone_ref(py),
+            _ => self.model.clone_ref(py),
+        };
+        let pieces = call.parts.iter().map(|p| self.part_cond(p)).collect::<PyResult<Vec<_>>>()?;
+        if let Some(c) = join_cond(&pieces) {
+            return self.invoke(py, &net, x, t, tt, c);
+        }
+        let sizes: Vec<i64> = call.parts.iter().map(|p| p.rows.end - p.rows.start).collect();
+        let split = |v: &Tensor| v.f_split_with_sizes(&sizes, 0).map_err(|e| to_pyerr(e.into()));
+        let (xs, ts, tts) = (split(x)?, split(t)?, split(tt)?);
+        let mut outs = Vec::with_capacity(sizes.len());
+        for (i, c) in pieces.into_iter().enumerate() {
+            let f = self.invoke(py, &net, &xs[i], &ts[i], &tts[i], c)?;
+            if f.size() != xs[i].size() {
+                return Ok(f); // the caller reports the shape mismatch
+            }
+            outs.push(f);
+        }
+        Tensor::f_cat(&outs, 0).map_err(|e| to_pyerr(e.into()))
     }
 }
 

@@ -45,11 +45,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SAMPLER_SETTINGS", sampler::settings_table(m.py())?)?;
     m.add_function(wrap_pyfunction!(sampler::ucgm_step, m)?)?;
     m.add_function(wrap_pyfunction!(set_cpu_pool, m)?)?;
-    m.add_class::<train::PyObjective>()?;
-    m.add_function(wrap_pyfunction!(train::l2_loss, m)?)?;
-    m.add_function(wrap_pyfunction!(train::barron_loss, m)?)?;
-    m.add_function(wrap_pyfunction!(train::time_weight, m)?)?;
-    m.add_function(wrap_pyfunction!(train::split_sub_batches, m)?)?;
+    train::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_SAMPLING_STEPS", crate::config::MAX_SAMPLING_STEPS)?;
     Ok(())

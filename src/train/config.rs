@@ -1,4 +1,6 @@
-//! Training hyper-parameters (SPEC §3), the published recipes (§3.7) and validation.
+//! The objective's settings (SPEC §3): [`LOSS_SETTINGS`] declares each one once — type,
+//! range, doc — and [`ObjectiveConfig`] holds their values, with the published recipes
+//! (§3.7) and the validation derived from the declarations.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,9 +13,115 @@ pub enum LossKind {
     Barron { alpha: f64, c: f64 },
 }
 
+/// How a setting is written in Python.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettingType {
+    Float,
+    Int,
+    Bool,
+    /// One of [`Setting::choices`].
+    Choice,
+    /// A tuple of this many floats.
+    Floats(usize),
+    /// {"e2e", "mul", "any", "adv"} → weight.
+    RunWeights,
+}
+
+impl SettingType {
+    /// The Python annotation.
+    pub fn python(&self) -> &'static str {
+        match self {
+            Self::Float => "float",
+            Self::Int => "int",
+            Self::Bool => "bool",
+            Self::Choice => "str",
+            Self::Floats(2) => "Tuple[float, float]",
+            Self::Floats(_) => "Tuple[float, float, float]",
+            Self::RunWeights => "Dict[str, float]",
+        }
+    }
+}
+
+/// Every number of a setting must be finite and lie in `lo ≤ v ≤ hi` (`lo < v` when `lo_open`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bounds {
+    pub lo: f64,
+    pub lo_open: bool,
+    pub hi: f64,
+}
+
+impl Bounds {
+    const ANY: Self = Self { lo: f64::NEG_INFINITY, lo_open: false, hi: f64::INFINITY };
+    const UNIT: Self = Self { lo: 0.0, lo_open: false, hi: 1.0 };
+    const NON_NEGATIVE: Self = Self { lo: 0.0, lo_open: false, hi: f64::INFINITY };
+    const POSITIVE: Self = Self { lo: 0.0, lo_open: true, hi: f64::INFINITY };
+
+    /// "must be in [0, 1]", "must be > 0", … ; empty when any finite value is allowed.
+    pub fn describe(&self) -> String {
+        let lo = if self.lo_open { ">" } else { ">=" };
+        match (self.lo.is_finite(), self.hi.is_finite()) {
+            (true, true) => format!("must be in [{}, {}]", self.lo, self.hi),
+            (true, false) => format!("must be {lo} {}", self.lo),
+            (false, true) => format!("must be <= {}", self.hi),
+            (false, false) => String::new(),
+        }
+    }
+
+    pub fn check(&self, field: &'static str, v: f64) -> Result<()> {
+        check_finite(field, &[v])?;
+        let above = if self.lo_open { v > self.lo } else { v >= self.lo };
+        if above && v <= self.hi {
+            Ok(())
+        } else {
+            Err(Error::config(field, format!("{}, got {v}", self.describe())))
+        }
+    }
+}
+
+/// One setting of the objective: the single declaration that the validation, the Python
+/// signature and docs (`twinflow._core.LOSS_SETTINGS`) and the training config read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Setting {
+    pub name: &'static str,
+    pub ty: SettingType,
+    pub bounds: Bounds,
+    pub choices: &'static [&'static str],
+    pub doc: &'static str,
+}
+
+const fn setting(name: &'static str, ty: SettingType, bounds: Bounds, doc: &'static str) -> Setting {
+    Setting { name, ty, bounds, choices: &[], doc }
+}
+
+/// The twelve settings, in the order TwinFlowLoss documents them; defaults are
+/// [`ObjectiveConfig::default`] (the TwinFlow recipe).
+pub const LOSS_SETTINGS: [Setting; 12] = {
+    use SettingType::*;
+    [
+        setting("consistc_ratio", Float, Bounds::UNIT, "consistency ratio cor: how far tt lies below t (tt = t − U·cor·t); 0 is plain flow matching"),
+        setting("ema_decay_rate", Float, Bounds::UNIT, "target EMA decay emd of the teacher; 0: the online model is the teacher, 1: a frozen copy"),
+        setting("enhanced_ratio", Float, Bounds::ANY, "guidance strength enr of the enhanced target, target + enr·(v_c − v_u); 0 turns it off"),
+        setting("enhanced_range", Floats(2), Bounds::ANY, "(lo, hi): the enhanced target applies where lo < t < hi"),
+        setting("time_dist_ctrl", Floats(3), Bounds::POSITIVE, "(β1, β2, scale): training times t ~ Beta(β1, β2)·scale"),
+        setting("estimate_order", Int, Bounds { lo: 0.0, lo_open: false, hi: MAX_ESTIMATE_ORDER as f64 }, "RCGM order N (N teacher calls per step); 0: no RCGM target"),
+        Setting { name: "loss", ty: Choice, bounds: Bounds::ANY, choices: &["barron", "l2"], doc: "per-row loss: Barron's robust loss or the mean squared error" },
+        setting("barron_alpha", Float, Bounds::ANY, "Barron shape α (2 is L2 / c)"),
+        setting("barron_c", Float, Bounds::POSITIVE, "Barron scale c"),
+        setting("dist_match_cof", Float, Bounds::NON_NEGATIVE, "weight of the distribution-matching term on the e2e rows; 0 turns it off"),
+        setting("use_image_free", Bool, Bounds::ANY, "replace every row's data by a one-step fake (image-free training)"),
+        setting("sub_batches", RunWeights, Bounds::NON_NEGATIVE, "weights of the e2e, mul, any and adv runs (0 turns a run off)"),
+    ]
+};
+
+/// The declaration of the setting `name`.
+pub fn loss_setting(name: &str) -> Option<&'static Setting> {
+    LOSS_SETTINGS.iter().find(|s| s.name == name)
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct TrainConfig {
+/// The values of [`LOSS_SETTINGS`] (`loss`, `barron_alpha`, `barron_c` make up [`LossKind`]).
+pub struct ObjectiveConfig {
     pub consistc_ratio: f64,
     pub ema_decay_rate: f64,
     pub enhanced_ratio: f64,
@@ -29,7 +137,7 @@ pub struct TrainConfig {
     pub sub_batches: [f64; 4],
 }
 
-impl Default for TrainConfig {
+impl Default for ObjectiveConfig {
     fn default() -> Self {
         Self {
             consistc_ratio: 1.0,
@@ -51,7 +159,7 @@ pub const MAX_ESTIMATE_ORDER: i64 = 16;
 
 pub const RECIPES: [&str; 3] = ["twinflow", "rcgm", "flow_matching"];
 
-impl TrainConfig {
+impl ObjectiveConfig {
     /// SPEC §3.7: TwinFlow (all four runs), RCGM only (no adv run, no distribution
     /// matching), plain flow matching (mul run only, no consistency, guidance or RCGM).
     pub fn recipe(name: &str) -> Result<Self> {
@@ -73,50 +181,39 @@ impl TrainConfig {
         }
     }
 
-    /// Every rule, each error naming its field.
+    /// The numbers of setting `name` (empty for bool and choice settings, and for the Barron
+    /// parameters under the L2 loss): what its [`Bounds`] constrain.
+    pub fn numbers(&self, name: &str) -> Vec<f64> {
+        match (name, self.loss) {
+            ("consistc_ratio", _) => vec![self.consistc_ratio],
+            ("ema_decay_rate", _) => vec![self.ema_decay_rate],
+            ("enhanced_ratio", _) => vec![self.enhanced_ratio],
+            ("enhanced_range", _) => self.enhanced_range.to_vec(),
+            ("time_dist_ctrl", _) => self.time_dist_ctrl.to_vec(),
+            ("estimate_order", _) => vec![self.estimate_order as f64],
+            ("barron_alpha", LossKind::Barron { alpha, .. }) => vec![alpha],
+            ("barron_c", LossKind::Barron { c, .. }) => vec![c],
+            ("dist_match_cof", _) => vec![self.dist_match_cof],
+            ("sub_batches", _) => self.sub_batches.to_vec(),
+            _ => vec![],
+        }
+    }
+
+    /// Each setting against its declared bounds, then the rules that tie settings together;
+    /// every error names its field.
     pub fn validate(&self) -> Result<()> {
-        let finite = check_finite;
-        fn within(field: &'static str, v: f64, lo: f64, hi: f64) -> Result<()> {
-            check_finite(field, &[v])?;
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(Error::config(field, format!("must be in [{lo}, {hi}], got {v}")))
+        for s in &LOSS_SETTINGS {
+            if s.ty == SettingType::RunWeights {
+                crate::train::split::check_weights(&self.sub_batches)?; // names the run
+            }
+            for v in self.numbers(s.name) {
+                s.bounds.check(s.name, v)?;
             }
         }
-        within("consistc_ratio", self.consistc_ratio, 0.0, 1.0)?;
-        within("ema_decay_rate", self.ema_decay_rate, 0.0, 1.0)?;
-        finite("enhanced_ratio", &[self.enhanced_ratio])?;
         let [lo, hi] = self.enhanced_range;
-        finite("enhanced_range", &[lo, hi])?;
         if lo > hi {
             return Err(Error::config("enhanced_range", format!("lo must be <= hi, got ({lo}, {hi})")));
         }
-        finite("time_dist_ctrl", &self.time_dist_ctrl)?;
-        if self.time_dist_ctrl.iter().any(|&v| v <= 0.0) {
-            return Err(Error::config(
-                "time_dist_ctrl",
-                format!("(β1, β2, scale) must all be > 0, got {:?}", self.time_dist_ctrl),
-            ));
-        }
-        if !(0..=MAX_ESTIMATE_ORDER).contains(&self.estimate_order) {
-            return Err(Error::config(
-                "estimate_order",
-                format!("must be in [0, {MAX_ESTIMATE_ORDER}], got {}", self.estimate_order),
-            ));
-        }
-        if let LossKind::Barron { alpha, c } = self.loss {
-            finite("barron_alpha", &[alpha])?;
-            finite("barron_c", &[c])?;
-            if c <= 0.0 {
-                return Err(Error::config("barron_c", format!("must be > 0, got {c}")));
-            }
-        }
-        finite("dist_match_cof", &[self.dist_match_cof])?;
-        if self.dist_match_cof < 0.0 {
-            return Err(Error::config("dist_match_cof", format!("must be >= 0, got {}", self.dist_match_cof)));
-        }
-        crate::train::split::check_weights(&self.sub_batches)?;
         if self.estimate_order == 0 && self.sub_batches[1] == 0.0 && self.sub_batches[3] == 0.0 {
             return Err(Error::config(
                 "sub_batches",
@@ -141,30 +238,53 @@ mod tests {
     #[test]
     fn recipes() {
         for r in RECIPES {
-            TrainConfig::recipe(r).unwrap().validate().unwrap();
+            ObjectiveConfig::recipe(r).unwrap().validate().unwrap();
         }
-        let fm = TrainConfig::recipe("flow_matching").unwrap();
+        let fm = ObjectiveConfig::recipe("flow_matching").unwrap();
         assert_eq!(fm.sub_batches, [0.0, 1.0, 0.0, 0.0]);
         assert_eq!((fm.consistc_ratio, fm.enhanced_ratio, fm.estimate_order), (0.0, 0.0, 0));
-        assert_eq!(TrainConfig::recipe("rcgm").unwrap().sub_batches[3], 0.0);
-        assert!(TrainConfig::recipe("gan").is_err());
+        assert_eq!(ObjectiveConfig::recipe("rcgm").unwrap().sub_batches[3], 0.0);
+        assert!(ObjectiveConfig::recipe("gan").is_err());
     }
 
     #[test]
     fn invalid_fields_are_named() {
-        let field = |c: TrainConfig| match c.validate() {
+        let field = |c: ObjectiveConfig| match c.validate() {
             Err(Error::Config { field, .. }) => field,
             other => panic!("{other:?}"),
         };
-        let d = TrainConfig::default;
-        assert_eq!(field(TrainConfig { consistc_ratio: f64::NAN, ..d() }), "consistc_ratio");
-        assert_eq!(field(TrainConfig { ema_decay_rate: 1.5, ..d() }), "ema_decay_rate");
-        assert_eq!(field(TrainConfig { estimate_order: -1, ..d() }), "estimate_order");
-        assert_eq!(field(TrainConfig { estimate_order: 1 << 62, ..d() }), "estimate_order");
-        assert_eq!(field(TrainConfig { loss: LossKind::Barron { alpha: 1.0, c: 0.0 }, ..d() }), "barron_c");
-        assert_eq!(field(TrainConfig { sub_batches: [1.0, -1.0, 1.0, 1.0], ..d() }), "sub_batches");
-        assert_eq!(field(TrainConfig { sub_batches: [0.0; 4], ..d() }), "sub_batches");
-        assert_eq!(field(TrainConfig { time_dist_ctrl: [1.0, 0.0, 1.0], ..d() }), "time_dist_ctrl");
-        assert_eq!(field(TrainConfig { enhanced_range: [0.8, 0.2], ..d() }), "enhanced_range");
+        let d = ObjectiveConfig::default;
+        assert_eq!(field(ObjectiveConfig { consistc_ratio: f64::NAN, ..d() }), "consistc_ratio");
+        assert_eq!(field(ObjectiveConfig { ema_decay_rate: 1.5, ..d() }), "ema_decay_rate");
+        assert_eq!(field(ObjectiveConfig { estimate_order: -1, ..d() }), "estimate_order");
+        assert_eq!(field(ObjectiveConfig { estimate_order: 1 << 62, ..d() }), "estimate_order");
+        assert_eq!(field(ObjectiveConfig { loss: LossKind::Barron { alpha: 1.0, c: 0.0 }, ..d() }), "barron_c");
+        assert_eq!(field(ObjectiveConfig { sub_batches: [1.0, -1.0, 1.0, 1.0], ..d() }), "sub_batches");
+        assert_eq!(field(ObjectiveConfig { sub_batches: [0.0; 4], ..d() }), "sub_batches");
+        assert_eq!(field(ObjectiveConfig { time_dist_ctrl: [1.0, 0.0, 1.0], ..d() }), "time_dist_ctrl");
+        assert_eq!(field(ObjectiveConfig { enhanced_range: [0.8, 0.2], ..d() }), "enhanced_range");
+        assert_eq!(field(ObjectiveConfig { dist_match_cof: -0.5, ..d() }), "dist_match_cof");
+        assert_eq!(field(ObjectiveConfig { enhanced_ratio: f64::INFINITY, ..d() }), "enhanced_ratio");
+    }
+
+    #[test]
+    fn every_setting_is_declared_once_and_checked() {
+        let names: Vec<&str> = LOSS_SETTINGS.iter().map(|s| s.name).collect();
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(names.len(), unique.len());
+        let d = ObjectiveConfig::default();
+        for s in &LOSS_SETTINGS {
+            assert!(!s.doc.is_empty(), "{}", s.name);
+            let numeric = !matches!(s.ty, SettingType::Bool | SettingType::Choice);
+            assert_eq!(!d.numbers(s.name).is_empty(), numeric, "{}", s.name);
+        }
+        assert_eq!(loss_setting("barron_c").unwrap().bounds.describe(), "must be > 0");
+        assert_eq!(loss_setting("consistc_ratio").unwrap().bounds.describe(), "must be in [0, 1]");
+        // Under L2 the Barron parameters are not checked (they are not used).
+        let l2 = ObjectiveConfig { loss: LossKind::L2, ..d };
+        assert!(l2.numbers("barron_c").is_empty());
+        l2.validate().unwrap();
     }
 }

@@ -5,10 +5,10 @@ pub mod config;
 pub mod ema;
 pub mod loss;
 pub mod split;
-pub mod step;
+pub mod objective;
 pub mod target;
 pub mod time;
 
-pub use config::{LossKind, TrainConfig};
+pub use config::{LossKind, ObjectiveConfig};
 pub use split::{split_sub_batches, RUN_NAMES};
-pub use step::{training_step, Call, CondKind, Net, StepOutput, TrainModel, STAT_NAMES};
+pub use objective::{training_step, Call, CondKind, Net, Part, StepOutput, TrainModel, STAT_NAMES};

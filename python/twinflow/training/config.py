@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import diffusers_patch
+from .._core import LOSS_SETTINGS
 
 #: backbone names (the registry in diffusers_patch)
 MODELS = tuple(diffusers_patch.MODELS)
@@ -66,25 +68,30 @@ class TrainingConfig:
     log_every: int = 10
 
 
-@dataclass
-class TwinFlowConfig:
-    """Keyword settings of ``twinflow.TwinFlowLoss`` (validated by constructing it)."""
-    recipe: str = "twinflow"
-    consistc_ratio: Optional[float] = None
-    ema_decay_rate: Optional[float] = None
-    enhanced_ratio: Optional[float] = None
-    enhanced_range: Optional[Tuple[float, float]] = None
-    time_dist_ctrl: Optional[Tuple[float, float, float]] = None
-    estimate_order: Optional[int] = None
-    loss: Optional[str] = None
-    barron_alpha: Optional[float] = None
-    barron_c: Optional[float] = None
-    dist_match_cof: Optional[float] = None
-    use_image_free: Optional[bool] = None
-    sub_batches: Optional[Dict[str, float]] = None
+# The objective's settings are declared once, in Rust (``_core.LOSS_SETTINGS``): this section
+# is built from that declaration, every setting optional (None keeps the recipe's value).
+_PY_TYPES = {"float": float, "int": int, "bool": bool, "str": str,
+             "Tuple[float, float]": Tuple[float, float],
+             "Tuple[float, float, float]": Tuple[float, float, float],
+             "Dict[str, float]": Dict[str, float]}
 
-    def settings(self) -> Dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "recipe" and v is not None}
+
+def _loss_settings(self) -> Dict[str, Any]:
+    """The TwinFlowLoss keywords given (recipe aside)."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k != "recipe" and v is not None}
+
+
+TwinFlowConfig = dataclasses.make_dataclass(
+    "TwinFlowConfig",
+    [("recipe", str, field(default="twinflow"))]
+    + [(s["name"], Optional[_PY_TYPES[s["type"]]], field(default=None)) for s in LOSS_SETTINGS]
+    # false: one model call per independent pair (less peak memory; models whose rows interact)
+    + [("batch_calls", bool, field(default=True))],
+    namespace={"settings": _loss_settings,
+               "__doc__": "Keyword settings of ``twinflow.TwinFlowLoss`` (``_core.LOSS_SETTINGS``, "
+                          "and ``batch_calls``; validated by constructing it)."},
+)
+TwinFlowConfig.__module__ = __name__
 
 
 @dataclass
@@ -124,7 +131,9 @@ class LoggingConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """A ``twinflow train`` run: model, LoRA, training, objective (``twinflow``), sampling,
+    data and logging sections (formerly ``TrainConfig``, a name still importable)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -236,7 +245,7 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
     return raw
 
 
-def _check(cfg: TrainConfig, err: _Err) -> None:
+def _check(cfg: RunConfig, err: _Err) -> None:
     m, t, lo, s = cfg.model, cfg.training, cfg.lora, cfg.sampling
     if m.name.lower().replace("_", "-") not in MODELS:
         raise err.value("model.name", f"expected one of {list(MODELS)}, got {m.name!r}")
@@ -297,8 +306,8 @@ def _check(cfg: TrainConfig, err: _Err) -> None:
         raise type(e)(f"{err.source}: sampling: {e}") from None
 
 
-def parse_config(raw: Any, source: str = "<config>", overrides: Sequence[str] = ()) -> TrainConfig:
-    """Validate a raw mapping (as read from YAML) into a TrainConfig."""
+def parse_config(raw: Any, source: str = "<config>", overrides: Sequence[str] = ()) -> RunConfig:
+    """Validate a raw mapping (as read from YAML) into a RunConfig."""
     err = _Err(source)
     if not isinstance(raw, dict):
         raise err.type("<top level>", f"expected a mapping of sections, got {type(raw).__name__}")
@@ -307,7 +316,7 @@ def parse_config(raw: Any, source: str = "<config>", overrides: Sequence[str] = 
             raw = apply_overrides(raw, overrides)
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
-    cfg = _build(TrainConfig, raw, "", err)
+    cfg = _build(RunConfig, raw, "", err)
     cfg.source = source
     _check(cfg, err)
     return cfg
@@ -342,7 +351,7 @@ def resolve_config(path) -> pathlib.Path:
     raise ValueError(f"--config: no such file: {given}")
 
 
-def load_config(path, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read and validate a YAML config: a file, or the name of a packaged one (``resolve_config``);
     ``overrides`` are ``key=value`` strings."""
     import yaml
@@ -353,3 +362,11 @@ def load_config(path, overrides: Sequence[str] = ()) -> TrainConfig:
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: invalid YAML: {e}") from None
     return parse_config(raw if raw is not None else {}, str(path), overrides)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TrainConfig":  # the old name of RunConfig
+        warnings.warn("twinflow.training.config.TrainConfig is deprecated: use RunConfig",
+                      DeprecationWarning, stacklevel=2)
+        return RunConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,14 @@
-"""The teacher TwinFlowLoss calls (SPEC §3.2), kept by the trainer and passed as ``teacher=``.
+"""The teacher TwinFlowLoss calls (SPEC §3.2) in ``twinflow train``: the loss's own
+:class:`twinflow.ema.EmaTeacher` (``loss_fn.ema``), bound here to
 
 - full fine-tuning: an EMA copy of the model (sharded like it under FSDP2);
 - LoRA ("old adapter" scheme): a second, frozen peft adapter ``teacher`` on the same frozen
   base, switched in for the teacher's calls, so the base weights are never copied;
 - ema_decay_rate = 0: none (the online model is the teacher, as in TwinFlowLoss).
 
-The EMA itself is TwinFlowLoss's (``loss_fn.ema_update``, its warm-up schedule and state):
-once per optimizer step, before the teacher is used; emd = 1 freezes the initial copy.
+The trainer updates it once per optimizer step (``loss_fn.ema.update()``), before the
+teacher is used; emd = 1 freezes the initial copy. Its schedule is saved with
+``loss_fn.state_dict()``; its weights by the trainer (``transformer_ema``, ``lora_teacher``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
+from ..ema import EmaTeacher
 from .models import adapter_to_float32
 
 TEACHER_ADAPTER, ONLINE_ADAPTER = "teacher", "default"
@@ -27,20 +30,6 @@ TEACHER_ADAPTER, ONLINE_ADAPTER = "teacher", "default"
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of an FSDP2 parameter (a DTensor); the tensor itself otherwise."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-class Teacher:
-    def __init__(self, module, ema_params: List[torch.Tensor], online_params: List[torch.Tensor], rate: float):
-        self.module = module
-        self.ema_params = [_local(p) for p in ema_params]
-        self.online_params = [_local(p) for p in online_params]
-        self.rate = rate
-
-    def update(self, loss_fn) -> Optional[float]:
-        if self.rate >= 1.0:  # frozen initial copy
-            return None
-        with torch.no_grad():
-            return loss_fn.ema_update(self.ema_params, [p.detach() for p in self.online_params])
 
 
 class _AdapterTeacher:
@@ -71,12 +60,13 @@ def lora_pairs(transformer: nn.Module):
     return [params[k.replace(tag_o, tag_t)] for k in online], [params[k] for k in online]
 
 
-def make_teacher(loss_fn, model: nn.Module, *, lora: bool) -> Optional[Teacher]:
-    """The teacher for these loss settings, built from the unwrapped model before it is
-    wrapped (DDP) or sharded (FSDP2); a full copy must then be bound with ``bind_full``.
-    None when the online model is the teacher or no teacher is ever called."""
-    rate = float(loss_fn.config["ema_decay_rate"])
-    if rate <= 0.0 or not loss_fn.uses_teacher:
+def make_teacher(loss_fn, model: nn.Module, *, lora: bool) -> Optional[EmaTeacher]:
+    """Bind ``loss_fn.ema`` to the teacher for these loss settings, built from the unwrapped
+    model before it is wrapped (DDP) or sharded (FSDP2); a full copy must then be re-bound
+    with ``bind_full``. Returns it; None when the online model is the teacher or no teacher
+    is ever called."""
+    ema = loss_fn.ema
+    if ema.rate <= 0.0 or not loss_fn.uses_teacher:
         return None
     if lora:
         transformer = model.transformer
@@ -86,19 +76,19 @@ def make_teacher(loss_fn, model: nn.Module, *, lora: bool) -> Optional[Teacher]:
             transformer.add_adapter(copy.deepcopy(cfg), adapter_name=TEACHER_ADAPTER)
         adapter_to_float32(transformer, TEACHER_ADAPTER)
         transformer.set_adapter(ONLINE_ADAPTER)
-        ema, online = lora_pairs(transformer)
+        ema_params, online = lora_pairs(transformer)
         with torch.no_grad():
-            for e, o in zip(ema, online):
+            for e, o in zip(ema_params, online):
                 e.copy_(o)
                 e.requires_grad_(False)
-        return Teacher(_AdapterTeacher(model, transformer), ema, online, rate)
-    copy_ = copy.deepcopy(model).requires_grad_(False)
-    return Teacher(copy_, [], [], rate)
+        ema.bind(_AdapterTeacher(model, transformer), [_local(p) for p in ema_params], [_local(p) for p in online])
+    else:
+        ema.bind(copy.deepcopy(model).requires_grad_(False), [], [])
+    return ema
 
 
-def bind_full(teacher: Teacher, model: nn.Module, shard_fn=None) -> None:
-    """Full fine-tuning: pair the copy's parameters with the model's, after both are sharded."""
-    if shard_fn is not None:
-        teacher.module = shard_fn(teacher.module)
-    teacher.ema_params = [_local(p) for p in teacher.module.parameters()]
-    teacher.online_params = [_local(p) for p in model.parameters()]
+def bind_full(teacher: EmaTeacher, model: nn.Module, shard_fn=None) -> None:
+    """Full fine-tuning: pair the copy's parameters with the model's (local shards), after
+    both are sharded. Buffers are not paired: the trainer's models keep none that change."""
+    module = teacher.module if shard_fn is None else shard_fn(teacher.module)
+    teacher.bind(module, [_local(p) for p in module.parameters()], [_local(p) for p in model.parameters()])

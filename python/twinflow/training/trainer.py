@@ -20,7 +20,7 @@ import torch
 
 from .._lock import OutputDirLock
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import RunConfig
 from .distributed import Dist, no_grad_sync, resolve_strategy, shard, wrap
 from .models import FAMILIES, TextEncoder, TwinFlowModel, add_lora, load_transformer, load_vae
 from .teacher import ONLINE_ADAPTER, TEACHER_ADAPTER, bind_full, make_teacher
@@ -68,7 +68,7 @@ def save_grid(images: torch.Tensor, path: pathlib.Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, dataset_path, output_dir, d: Dist, resume: Optional[str] = None,
+    def __init__(self, cfg: RunConfig, *, dataset_path, output_dir, d: Dist, resume: Optional[str] = None,
                  progress: bool = True, overwrite: bool = False):
         self._lock = None
         try:
@@ -243,12 +243,7 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
 
     def train_step(self, batches) -> Dict[str, float]:
-        teacher = None
-        if self.teacher is not None:
-            decay = self.teacher.update(self.loss_fn)
-            teacher = self.teacher.module
-        else:
-            decay = None
+        decay = self.teacher.update() if self.teacher is not None else None  # the loss's own teacher
         stats: Dict[str, float] = {}
         for m in range(self.accum):
             x, cond, uncond = self._batch(next(batches), self.step, self.d.rank * self.accum + m)
@@ -257,7 +252,7 @@ class Trainer:
             with no_grad_sync(self.model, self.strategy, sync=m == self.accum - 1):
                 try:
                     with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                        loss = self.loss_fn(self.model, x, cond=cond, uncond=uncond, teacher=teacher, generator=g)
+                        loss = self.loss_fn(self.model, x, cond=cond, uncond=uncond, generator=g)
                     value = loss.detach().float().item()
                 except FloatingPointError:  # TwinFlowLoss refuses a NaN/Inf loss; every rank must still vote
                     value = float("nan")
