@@ -63,7 +63,9 @@ def test_native_docstring_examples_run(name):
     obj = getattr(_core, name)
     members = [obj] + ([m for a, m in vars(obj).items() if not a.startswith("_")] if isinstance(obj, type) else [])
     finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    globs = {"torch": torch, "twinflow": twinflow, "_core": _core}
+    # The examples are written as after `from twinflow._core import *`.
+    globs = {"torch": torch, "twinflow": twinflow, "_core": _core,
+             **{n: getattr(_core, n) for n in dir(_core) if not n.startswith("_")}}
     for member in members:
         for test in finder.find(member, f"_core.{name}", module=False, globs=dict(globs)):
             runner.run(test)

@@ -5,16 +5,202 @@ import torch
 
 Tensor = torch.Tensor
 
+class EmaSchedule:
+    """The EMA teacher's decay schedule (warm-up d ← d + (1 − d)(rate − d)/2 from d = 0) and its
+    in-place update ``ema ← d·ema + (1 − d)·θ``; ``twinflow.EmaTeacher`` owns one.
+
+    Args:
+        rate: the target decay emd in [0, 1].
+
+    Example:
+        >>> model, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> s = EmaSchedule(0.99)
+        >>> s.update(list(teacher.parameters()), list(model.parameters()))  # copies θ
+        0.0
+        >>> s.decay, s.updates
+        (0.495, 1)
+    """
+    def __init__(self, rate) -> None: ...
+    @property
+    def decay(self) -> Any:
+        """The decay the next update uses.
+        """
+    def load_state(self, decay, updates):
+        """Restores a saved (decay, updates) pair.
+
+        Example:
+            >>> s = EmaSchedule(0.99)
+            >>> s.load_state(0.495, 1)
+            >>> s.decay, s.updates
+            (0.495, 1)
+        """
+    @property
+    def rate(self) -> Any:
+        """The target decay.
+        """
+    def update(self, ema_params, params):
+        """One EMA update of ``ema_params`` towards ``params`` (in place, no autograd) with the
+        schedule's current decay, which then advances. Returns the decay used.
+
+        Args:
+            ema_params: the teacher's tensors.
+            params: the online tensors, same shapes, same order.
+        """
+    @property
+    def updates(self) -> Any:
+        """Updates made so far.
+        """
+
+class Evaluation:
+    """One model evaluation of a `Stepper`'s schedule.
+
+    Attributes:
+        t: the time x is at (the model's ``t``).
+        tt: the target time (the model's ``tt``).
+        interval: index i of the grid interval t_i → t_{i+1}.
+        corrector: True for the second (Heun) evaluation of an interval with order 2.
+        noise: True when ``Stepper.step`` needs N(0, 1) noise for this evaluation.
+
+    Example:
+        >>> Stepper(SamplerSettings(sampling_steps=4, sampling_order=2)).evals[1]
+        Evaluation(t=0.5, tt=0, interval=0, corrector=True, noise=False)
+    """
+    @property
+    def corrector(self) -> Any:
+        """True for the second (Heun) evaluation of an interval with order 2.
+        """
+    @property
+    def interval(self) -> Any:
+        """Index i of the grid interval t_i → t_{i+1}.
+        """
+    @property
+    def noise(self) -> Any:
+        """True when ``Stepper.step`` needs N(0, 1) noise for this evaluation.
+        """
+    @property
+    def t(self) -> Any:
+        """The time x is at (the model's ``t``).
+        """
+    @property
+    def tt(self) -> Any:
+        """The target time (the model's ``tt``).
+        """
+
+LOSS_SETTINGS: tuple
+
 MAX_SAMPLING_STEPS: int
 
-class SamplerStepper:
-    """One model evaluation at a time (the diffusers scheduler's engine): `step(x, velocity)`
-    advances by the evaluation at `evals[position]`.
+RUN_NAMES: tuple
+
+SAMPLER_SETTINGS: list
+
+STAT_NAMES: tuple
+
+class SamplerSettings:
+    """Validated sampler settings and their time grid (the state of a `twinflow.UnifiedSampler`).
+
+    Every setting is declared once in the Rust core; ``twinflow._core.SAMPLER_SETTINGS`` lists
+    each with its type, default, range and doc. A value of the wrong type raises TypeError, one
+    outside its range ValueError naming the setting.
+
+    Args:
+        **settings: any of the names in ``SAMPLER_SETTINGS``; ``None`` keeps the default.
+
+    Example:
+        >>> from twinflow._core import SamplerSettings
+        >>> s = SamplerSettings(sampling_steps=2, rfba_gap_steps=(0.001, 0.6))
+        >>> s.timesteps.tolist(), s.nfe
+        ([0.999, 0.6, 0.0], 2)
     """
-    def __init__(self, sampler, grid=None) -> None: ...
+    def __init__(self, **settings) -> None: ...
+    def get(self, name):
+        """The value of one setting (tuples for the tuple settings).
+
+        Args:
+            name: a name from ``SAMPLER_SETTINGS``.
+
+        Example:
+            >>> SamplerSettings().get("time_dist_ctrl")
+            (1.0, 1.0, 1.0)
+        """
+    @property
+    def nfe(self) -> Any:
+        """Network evaluations per sample (n, or 2n − 1 with order 2).
+        """
+    @staticmethod
+    def preset(name, **overrides):
+        """A published preset, optionally with settings overridden.
+
+        Args:
+            name: "1-nfe", "2-nfe", "4-nfe", "any-step" or "multi-step".
+            **overrides: settings to change (as for the constructor).
+
+        Example:
+            >>> SamplerSettings.preset("4-nfe", sampling_steps=8).sampling_steps
+            8
+        """
+    def replace(self, **overrides):
+        """A copy with some settings changed (this object is immutable).
+
+        Args:
+            **overrides: settings to change (as for the constructor).
+
+        Example:
+            >>> SamplerSettings().replace(use_fused_kernel=False).get("use_fused_kernel")
+            False
+        """
+    @property
+    def timesteps(self) -> Any:
+        """The time grid t_0 > … > t_n = 0 (float64, CPU).
+        """
+    def to_dict(self, all=False):
+        """The settings as a dict: the configuration (the constructor's keywords that shape the
+        samples), plus the run-time switches with ``all=True``.
+
+        Args:
+            all: include ``use_fused_kernel`` and ``check_finite``.
+
+        Example:
+            >>> SamplerSettings.preset("1-nfe").to_dict()["stochast_ratio"]
+            0.8
+        """
+
+class Stepper:
+    """One model evaluation at a time: the sampler's update between model calls. The caller
+    calls the model and draws the noise (``twinflow.UnifiedSampler.sample`` and
+    ``twinflow.TwinFlowScheduler`` do).
+
+    Args:
+        settings: a ``SamplerSettings``.
+        grid: times t_0 > … > t_{n−1} > 0 to use instead of the settings' grid (t_n = 0 is
+            appended); the other settings apply.
+
+    Example:
+        >>> import torch
+        >>> from twinflow._core import SamplerSettings, Stepper
+        >>> st = Stepper(SamplerSettings(sampling_steps=2, stochast_ratio=1.0))
+        >>> x = torch.randn(4, 8)
+        >>> model = lambda x, t, tt: x  # any velocity model
+        >>> for e in st.evals:
+        ...     v = model(x, t=torch.full((4,), e.t), tt=torch.full((4,), e.tt))
+        ...     x = st.step(x, v, torch.randn(4, 8) if e.noise else None)
+        >>> x.shape
+        torch.Size([4, 8])
+    """
+    def __init__(self, settings, grid=None) -> None: ...
+    def check_noise(self, noise):
+        """Check the initial noise: a floating-point tensor with a batch dimension, and finite
+        when the settings' ``check_finite`` is on.
+
+        Args:
+            noise: the initial x (torch.Tensor).
+
+        Example:
+            >>> Stepper(SamplerSettings()).check_noise(torch.randn(2, 4))
+        """
     @property
     def evals(self) -> Any:
-        """[(t, tt, interval, is_corrector)] for every model evaluation, in order.
+        """Every model evaluation in order, as ``Evaluation`` objects.
         """
     @property
     def grid(self) -> Any:
@@ -22,14 +208,60 @@ class SamplerStepper:
         """
     @property
     def position(self) -> Any:
-        ...
-    def step(self, x, velocity, generator=None):
-        """Advance by one evaluation with the model's `velocity` at `x`; returns the next x
-        (after the last evaluation, the sample).
+        """Index of the next evaluation; setting it restarts there (forgetting the extrapolation
+        and corrector state).
+        """
+    def step(self, x, velocity, noise=None, xhat_out=None):
+        """Advance by one evaluation: the model's output at x for ``evals[position]``.
+
+        Args:
+            x: the current sample (floating point, with a batch dimension).
+            velocity: the model's output at (x, t, tt); shaped like x and on its device (another
+                float dtype is cast to x's).
+            noise: N(0, 1) draws shaped like x when this evaluation's ``noise`` is True, else None.
+            xhat_out: a tensor shaped like x that receives x̂ = x − t·velocity on a predictor
+                evaluation (the trajectory row), or None.
+
+        Returns:
+            the next x; after the last evaluation, the sample.
+
+        Example:
+            >>> st = Stepper(SamplerSettings(sampling_steps=1))
+            >>> x = torch.randn(2, 3)
+            >>> e = st.evals[st.position]
+            >>> sample = st.step(x, x, torch.randn_like(x) if e.noise else None)
+            >>> torch.allclose(sample, x - e.t * x)  # one Euler jump from t_0 to 0
+            True
         """
 
 class TwinFlowObjective:
-    """The TwinFlow objective with its EMA schedule; `twinflow.TwinFlowLoss` wraps it.
+    """The TwinFlow objective (the Rust half of ``twinflow.TwinFlowLoss``).
+
+    Args:
+        recipe: ``"twinflow"``, ``"rcgm"`` or ``"flow_matching"``.
+        **settings: overrides, any of ``LOSS_SETTINGS`` (None keeps the recipe's value).
+
+    Calling it, ``obj(model, x, cond=None, uncond=None, teacher=None, generator=None,
+    batch_calls=True)``, runs one step and returns ``(loss, stats, model_calls)``:
+
+        model: ``model(x_t, t=t, tt=tt, c=cond_rows)`` returning the velocity.
+        x: the batch, rows first (floating point, finite).
+        cond, uncond: lists of batch-first tensors (``uncond`` enables the enhanced target).
+        teacher: called for the teacher's terms (the online model when None).
+        generator: the ``torch.Generator`` of every random draw (global RNG when None).
+        batch_calls: run independent no-grad calls (teacher cond + uncond; the two
+            distribution-matching calls) as one call each; False for models whose rows
+            are not independent (BatchNorm in training mode).
+        stats: a tensor in ``STAT_NAMES`` order.
+
+    Example:
+        >>> net = torch.nn.Linear(4, 4)
+        >>> model = lambda x, t, tt, c=None: net(x)  # a velocity model that ignores the times
+        >>> obj = TwinFlowObjective("rcgm", estimate_order=3)
+        >>> loss, stats, calls = obj(model, torch.randn(8, 4))
+        >>> loss.backward()  # gradients reach net
+        >>> net.weight.grad is not None, len(stats) == len(STAT_NAMES)
+        (True, True)
     """
     def __init__(self, recipe="twinflow", **settings) -> None: ...
     def __call__(self, /, *args, **kwargs):
@@ -37,14 +269,7 @@ class TwinFlowObjective:
         """
     @property
     def ema_decay_rate(self) -> Any:
-        ...
-    @property
-    def ema_state(self) -> Any:
-        """(next decay, number of updates so far)
-        """
-    def ema_update(self, ema_params, params):
-        """EMA update of `ema_params` towards `params` (in place, no autograd) with the warm-up
-        decay; returns the decay used.
+        """The target EMA decay emd of the teacher.
         """
     @property
     def needs_teacher(self) -> Any:
@@ -52,92 +277,105 @@ class TwinFlowObjective:
         """
     def to_dict(self):
         """The settings as a dict of TwinFlowLoss keywords.
-        """
 
-class UnifiedSampler:
-    """UCGM unified sampler (SPEC §2). See the package docs for the parameters.
-    """
-    def __init__(self, sampling_steps=None, stochast_ratio=None, extrapol_ratio=None, sampling_order=None, time_dist_ctrl=None, rfba_gap_steps=None, sampling_style=None) -> None: ...
-    @property
-    def check_finite(self) -> Any:
-        """Refuse NaN/Inf noise and stop with FloatingPointError at the first step whose result
-        is not finite, naming it (default True; on the fused CPU path the check is free).
-        """
-    @property
-    def extrapol_ratio(self) -> Any:
-        ...
-    @property
-    def nfe(self) -> Any:
-        """Network evaluations per sample.
-        """
-    @classmethod
-    def preset(cls, name, **overrides):
-        """A published preset ("1-nfe", "2-nfe", "4-nfe", "any-step", "multi-step"),
-        optionally with settings overridden by keyword.
-        """
-    @property
-    def rfba_gap_steps(self) -> Any:
-        ...
-    def sample(self, model, noise, generator=None, progress=False, return_trajectory=False, **model_kwargs):
-        """Draw samples: returns x̂ of the last interval (shape and dtype of `noise`), or with
-        `return_trajectory=True` the stack [noise, x̂_0, …, x̂_{n−1}].
-        """
-    def sampling_loop(self, inital_noise_z, sampling_model, **kwargs):
-        """The published call shape: `sampling_loop(noise, model, sampling_steps=..., ..., **model_kwargs)`.
-        Sampler settings given here override this sampler's for this call; returns the trajectory.
-        """
-    @property
-    def sampling_order(self) -> Any:
-        ...
-    @property
-    def sampling_steps(self) -> Any:
-        ...
-    @property
-    def sampling_style(self) -> Any:
-        ...
-    @property
-    def stochast_ratio(self) -> Any:
-        ...
-    @property
-    def time_dist_ctrl(self) -> Any:
-        ...
-    @property
-    def timesteps(self) -> Any:
-        """The time grid t_0 > … > t_n = 0 (float64).
-        """
-    def to_dict(self):
-        """The settings as a dict (keyword arguments of the constructor).
-        """
-    @property
-    def use_fused_kernel(self) -> Any:
-        """Use the fused CPU kernels where possible (False forces libtorch ops everywhere).
+        Example:
+            >>> TwinFlowObjective("rcgm").to_dict()["sub_batches"]["adv"]
+            0.0
         """
 
 __version__: str
 
-def barron_loss(pred, target, alpha=1.0, c=1e-3):
-    """Per-row Barron loss [B] (SPEC §3.5).
+def barron_loss(pred, target, alpha=1.0, c=0.001):
+    """Per-row Barron robust loss on m = per-row MSE, with a stop-gradient on its scale:
+    ``m·sg(((m/(c² + 1e-8))/|α − 2| + 1)^((α − 2)/2))/c``; α = 2 gives ``m/c``.
+
+    Args:
+        pred, target: tensors of the same shape, rows first.
+        alpha: shape α (finite). c: scale (> 0).
+
+    Returns:
+        a tensor of shape [B].
+
+    Example:
+        >>> barron_loss(torch.ones(2, 3), torch.zeros(2, 3), alpha=2.0, c=0.5)
+        tensor([2., 2.])
     """
 
 def l2_loss(pred, target):
-    """Per-row mean squared error [B].
+    """Per-row mean squared error: ``mean((pred − target)²)`` over all but the batch dimension.
+
+    Args:
+        pred, target: tensors of the same shape, rows first.
+
+    Returns:
+        a tensor of shape [B] (float32; float64 stays).
+
+    Example:
+        >>> l2_loss(torch.ones(2, 3), torch.zeros(2, 3))
+        tensor([1., 1.])
     """
 
 def set_cpu_pool(name):
-    """Choose the thread pool of the fused CPU kernels: "openmp" (libtorch's pool, the default)
-    or "rayon". Returns the previous choice.
+    """Choose the thread pool of the fused CPU kernels.
+
+    Args:
+        name: "openmp" (libtorch's pool, the default) or "rayon".
+
+    Returns:
+        the previous choice.
+
+    Example:
+        >>> from twinflow._core import set_cpu_pool
+        >>> set_cpu_pool("rayon")
+        'openmp'
     """
 
 def split_sub_batches(batch_size, weights):
-    """{"e2e": (start, stop), "mul": …, "any": …, "adv": …} for a batch of `batch_size` rows.
+    """The contiguous row ranges of the four runs for a batch of ``batch_size`` rows.
+
+    Args:
+        batch_size: rows in the batch (at least the number of active runs).
+        weights: ``{"e2e": w, "mul": w, "any": w, "adv": w}`` (>= 0; a missing run is 0).
+
+    Returns:
+        ``{"e2e": (start, stop), "mul": …, "any": …, "adv": …}``.
+
+    Example:
+        >>> split_sub_batches(10, {"e2e": 1, "mul": 1, "any": 1, "adv": 1})
+        {'e2e': (0, 3), 'mul': (3, 6), 'any': (6, 8), 'adv': (8, 10)}
     """
 
 def time_weight(t, tt):
-    """w = tan((1 − (|t| − |tt|))·π/2.5) + 1.
+    """The loss weight of each row: ``w = tan((1 − (|t| − |tt|))·π/2.5) + 1``.
+
+    Args:
+        t, tt: tensors of the same shape [B].
+
+    Example:
+        >>> time_weight(torch.tensor([1.0]), torch.tensor([0.0]))
+        tensor([1.])
     """
 
 def ucgm_step(x, velocity, t_cur, t_next, stochast_ratio=None, noise=None, out=None, check_finite=True):
-    """One sampler interval without extrapolation (SPEC §2): for s = 0 `x − (t_cur − t_next)·v`,
-    else `(1 − t_next)·x̂ + t_next·(√(1 − s)·ẑ + √s·noise)`. Writes into `out` when given.
-    With `check_finite` a result holding NaN or Inf raises FloatingPointError naming the input.
+    """One sampler interval without extrapolation: for s = 0 ``x − (t_cur − t_next)·v``, else
+    ``(1 − t_next)·x̂ + t_next·(√(1 − s)·ẑ + √s·noise)`` with x̂ = x − t_cur·v, ẑ = x + (1 − t_cur)·v.
+
+    Args:
+        x: the sample at t_cur (floating point).
+        velocity: the model's output at x, shaped like x (same dtype and device).
+        t_cur: the interval's start time.
+        t_next: its end time.
+        stochast_ratio: s in [0, 1] (None: 0).
+        noise: N(0, 1) draws shaped like x, required when s > 0.
+        out: write the result here (may be x itself, for an in-place step).
+        check_finite: raise FloatingPointError naming the input when the result holds NaN or Inf.
+
+    Returns:
+        the sample at t_next (``out`` when given).
+
+    Example:
+        >>> import torch, twinflow
+        >>> x, v = torch.randn(2, 4), torch.randn(2, 4)
+        >>> y = twinflow.ucgm_step(x, v, 0.8, 0.5)            # x − 0.3·v
+        >>> y = twinflow.ucgm_step(x, v, 0.8, 0.5, 1.0, torch.randn(2, 4))
     """

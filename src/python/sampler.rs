@@ -226,12 +226,21 @@ impl PySamplerSettings {
 ///     interval: index i of the grid interval t_i → t_{i+1}.
 ///     corrector: True for the second (Heun) evaluation of an interval with order 2.
 ///     noise: True when ``Stepper.step`` needs N(0, 1) noise for this evaluation.
+///
+/// Example:
+///     >>> Stepper(SamplerSettings(sampling_steps=4, sampling_order=2)).evals[1]
+///     Evaluation(t=0.5, tt=0, interval=0, corrector=True, noise=False)
 #[pyclass(name = "Evaluation", module = "twinflow._core", frozen, get_all)]
 pub struct PyEvaluation {
+    /// The time x is at (the model's ``t``).
     t: f64,
+    /// The target time (the model's ``tt``).
     tt: f64,
+    /// Index i of the grid interval t_i → t_{i+1}.
     interval: usize,
+    /// True for the second (Heun) evaluation of an interval with order 2.
     corrector: bool,
+    /// True when ``Stepper.step`` needs N(0, 1) noise for this evaluation.
     noise: bool,
 }
 
@@ -263,9 +272,12 @@ impl PyEvaluation {
 ///     >>> from twinflow._core import SamplerSettings, Stepper
 ///     >>> st = Stepper(SamplerSettings(sampling_steps=2, stochast_ratio=1.0))
 ///     >>> x = torch.randn(4, 8)
+///     >>> model = lambda x, t, tt: x  # any velocity model
 ///     >>> for e in st.evals:
 ///     ...     v = model(x, t=torch.full((4,), e.t), tt=torch.full((4,), e.tt))
 ///     ...     x = st.step(x, v, torch.randn(4, 8) if e.noise else None)
+///     >>> x.shape
+///     torch.Size([4, 8])
 #[pyclass(name = "Stepper", module = "twinflow._core")]
 pub struct PyStepper {
     // Tensors are Send but not Sync; the mutex makes the class shareable.
@@ -372,8 +384,12 @@ impl PyStepper {
     ///     the next x; after the last evaluation, the sample.
     ///
     /// Example:
+    ///     >>> st = Stepper(SamplerSettings(sampling_steps=1))
+    ///     >>> x = torch.randn(2, 3)
     ///     >>> e = st.evals[st.position]
-    ///     >>> x = st.step(x, v, torch.randn_like(x) if e.noise else None)
+    ///     >>> sample = st.step(x, x, torch.randn_like(x) if e.noise else None)
+    ///     >>> torch.allclose(sample, x - e.t * x)  # one Euler jump from t_0 to 0
+    ///     True
     #[pyo3(signature = (x, velocity, noise=None, xhat_out=None), text_signature = "($self, x, velocity, noise=None, xhat_out=None)")]
     fn step(
         &self,

@@ -217,8 +217,13 @@ fn batch_arg(x: &Bound<'_, PyAny>) -> PyResult<Tensor> {
 ///     stats: a tensor in ``STAT_NAMES`` order.
 ///
 /// Example:
+///     >>> net = torch.nn.Linear(4, 4)
+///     >>> model = lambda x, t, tt, c=None: net(x)  # a velocity model that ignores the times
 ///     >>> obj = TwinFlowObjective("rcgm", estimate_order=3)
-///     >>> loss, stats, calls = obj(model, x, cond=[labels], uncond=[null_labels])
+///     >>> loss, stats, calls = obj(model, torch.randn(8, 4))
+///     >>> loss.backward()  # gradients reach net
+///     >>> net.weight.grad is not None, len(stats) == len(STAT_NAMES)
+///     (True, True)
 #[pyclass(name = "TwinFlowObjective", module = "twinflow._core")]
 pub struct PyObjective {
     cfg: ObjectiveConfig,
@@ -314,8 +319,9 @@ impl PyObjective {
 ///     rate: the target decay emd in [0, 1].
 ///
 /// Example:
+///     >>> model, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
 ///     >>> s = EmaSchedule(0.99)
-///     >>> s.update(list(teacher.parameters()), list(model.parameters()))
+///     >>> s.update(list(teacher.parameters()), list(model.parameters()))  # copies θ
 ///     0.0
 ///     >>> s.decay, s.updates
 ///     (0.495, 1)
@@ -386,7 +392,10 @@ impl PyEmaSchedule {
     /// Restores a saved (decay, updates) pair.
     ///
     /// Example:
+    ///     >>> s = EmaSchedule(0.99)
     ///     >>> s.load_state(0.495, 1)
+    ///     >>> s.decay, s.updates
+    ///     (0.495, 1)
     #[pyo3(text_signature = "(self, decay, updates)")]
     fn load_state(&mut self, decay: f64, updates: u64) -> PyResult<()> {
         if !(0.0..=1.0).contains(&decay) {
