@@ -17,7 +17,7 @@ independent pairs; RCGM 5, batched 4; flow matching 1).
 For each recipe (twinflow, rcgm, flow_matching) it compares, in the same run:
 
   (a) ours       twinflow.TwinFlowLoss(recipe=...)
-  (b) reference  the plain-PyTorch transcription of SPEC §3 in tests/twinflow_reference.py
+  (b) reference  the plain-PyTorch transcription of docs/algorithm.md §3 in tests/twinflow_reference.py
                  (ReferenceTwinFlowLoss: same call order, random draws and EMA teacher)
 
 Each (recipe, method) cell runs in its own subprocess (fresh allocator, clean peak memory):

@@ -1,4 +1,4 @@
-"""TwinFlow patches for stock diffusers transformers (SPEC §4).
+"""TwinFlow patches for stock diffusers transformers (docs/algorithm.md §4).
 
 A TwinFlow backbone has a second timestep embedder for the target time tt, scaled by
 (t − tt) so that it vanishes when tt = t: the patched transformer then behaves exactly like

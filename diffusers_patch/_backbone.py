@@ -7,7 +7,7 @@ Loading (``twinflow.load_pipeline``), generation (``twinflow generate``) and tra
 
 * classes: the transformer, the pipeline (a diffusers class name, or override
   ``pipeline_class`` / ``load_pipeline`` for a pipeline of our own) and the VAE;
-* the TwinFlow patch (SPEC §4): the hooked embedder, the aux embedder's name (its checkpoint
+* the TwinFlow patch (docs/algorithm.md §4): the hooked embedder, the aux embedder's name (its checkpoint
   key prefix) and initialisation, and the hook per mode (``forwards``);
 * pipeline call arguments: the classifier-free-guidance keyword, exact-size arguments;
 * training glue: the text tensors (``text_keys``, ``encode_text``), the model call
@@ -119,7 +119,7 @@ class Backbone:
         """The pipeline of folder `root` around an already loaded `transformer`."""
         return self.pipeline_class().from_pretrained(root, transformer=transformer, scheduler=scheduler, **load_kw)
 
-    # ------------------------------------------------------------------ patch (SPEC §4)
+    # ------------------------------------------------------------------ patch (docs/algorithm.md §4)
 
     def check(self, transformer: nn.Module) -> None:
         """TypeError unless `transformer` is this backbone's transformer."""

@@ -28,7 +28,7 @@ def _pipeline_scheduler(ref: "weakref.ref"):
         raise ValueError("the TwinFlow transformer is wired to a pipeline that no longer exists; wire it again "
                          "with diffusers_patch.set_target_time(transformer, pipe)")
     sched = getattr(pipe, "scheduler", None)
-    # A stock scheduler has no target time: tt = t, the stock model (SPEC §4).
+    # A stock scheduler has no target time: tt = t, the stock model (docs/algorithm.md §4).
     return sched if isinstance(getattr(sched, "tt", None), torch.Tensor) else None
 
 
@@ -56,7 +56,7 @@ def scaled_times(transformer: torch.nn.Module, timestep: torch.Tensor, scale: fl
 
 
 def lora_label(t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-    """The single time label of the LoRA variant (SPEC §4), in t units."""
+    """The single time label of the LoRA variant (docs/algorithm.md §4), in t units."""
     return t - tt / 2
 
 

@@ -1,4 +1,4 @@
-"""TwinFlow patch and published facts for OpenUni (InternVL3-2B's language model + Sana 1.6B), SPEC §4.
+"""TwinFlow patch and published facts for OpenUni (InternVL3-2B's language model + Sana 1.6B), docs/algorithm.md §4.
 
 OpenUni's generator is a stock ``SanaTransformer2DModel`` fed by 256 learned meta-queries read
 by the frozen InternVL3-2B language model (a Qwen2 LM), then a connector (6-layer bidirectional

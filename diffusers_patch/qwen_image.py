@@ -1,4 +1,4 @@
-"""TwinFlow patch for diffusers' ``QwenImageTransformer2DModel`` (SPEC §4).
+"""TwinFlow patch for diffusers' ``QwenImageTransformer2DModel`` (docs/algorithm.md §4).
 
 Time convention: ``QwenImagePipeline`` calls the transformer with ``timestep = σ`` (t units,
 1 = noise), cast to the latents' dtype; ``QwenTimestepProjEmbeddings`` (``time_text_embed``)

@@ -1,4 +1,4 @@
-"""TwinFlow patch for ``diffusers.SanaTransformer2DModel`` (stock Sana, also OpenUni's backbone), SPEC §4.
+"""TwinFlow patch for ``diffusers.SanaTransformer2DModel`` (stock Sana, also OpenUni's backbone), docs/algorithm.md §4.
 
 Time convention: SanaPipeline passes ``timestep = t_s · timestep_scale`` where t_s is the
 scheduler's timestep, ``1000·t`` for its flow-matching schedulers (t in "t units", 1 = noise,
@@ -10,14 +10,14 @@ the modulation feeds every block, the embedded timestep the output norm). That c
 only one hooked: the ``forward`` of the ``time_embed`` instance is replaced (parameter names
 unchanged).
 
-mode "aux" (SPEC §4 row "Sana (OpenUni)", as the published OpenUni Sana wrapper)::
+mode "aux" (docs/algorithm.md §4 row "Sana (OpenUni)", as the published OpenUni Sana wrapper)::
 
     (mod, emb)   = time_embed(S·t)
     (mod₂, emb₂) = time_embed_2(S·tt)
     returns (mod + mod₂·(t − tt), emb + emb₂·(t − tt))
 
 i.e. the aux term is added to both the modulation and the embedded timestep. t = timestep/S,
-tt = ``_common.target_time`` (tt = t when none is set: stock output exactly). SPEC writes
+tt = ``_common.target_time`` (tt = t when none is set: stock output exactly). docs/algorithm.md writes
 emb₂(tt); here tt is given to emb₂ in the embedder's own input units (S·tt, like the main
 embedder and like the SD3 row), while the scale (t − tt) is in t units. ``time_embed_2`` is an
 ``AdaLayerNormSingle`` like ``time_embed`` (published key prefix ``time_embed_2.``); without

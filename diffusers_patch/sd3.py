@@ -1,4 +1,4 @@
-"""TwinFlow patch for ``diffusers.SD3Transformer2DModel`` (SD3 / SD3.5), SPEC §4.
+"""TwinFlow patch for ``diffusers.SD3Transformer2DModel`` (SD3 / SD3.5), docs/algorithm.md §4.
 
 Time convention: StableDiffusion3Pipeline passes ``timestep = 1000·t`` (t in "t units",
 1 = noise, 0 = data), and the transformer embeds it with
@@ -7,7 +7,7 @@ Time convention: StableDiffusion3Pipeline passes ``timestep = 1000·t`` (t in "t
 the projected pooled text embedding). That call is the only one hooked here: the
 ``forward`` of the ``time_text_embed`` instance is replaced (parameter names unchanged).
 
-mode "aux" (SPEC §4 row "SD3 / SD3.5")::
+mode "aux" (docs/algorithm.md §4 row "SD3 / SD3.5")::
 
     temb = time_text_embed(1000·t, pooled) + time_text_embed_2(1000·tt, pooled)·(t − tt)
 
@@ -18,7 +18,7 @@ submodule, so ``state_dict()`` gains exactly the keys under ``AUX_PREFIX`` = the
 ``time_text_embed_2.*``. Without trained weights its Linear layers start from N(0, 0.02)
 weights and zero biases, as the published training does (not a copy of the main embedder).
 
-mode "lora" (SPEC §4 row "LoRA variant")::
+mode "lora" (docs/algorithm.md §4 row "LoRA variant")::
 
     temb = time_text_embed(1000·(t − tt/2), pooled)          (no second embedder)
 

@@ -1,4 +1,4 @@
-"""TwinFlow patch for diffusers' ``ZImageTransformer2DModel`` (SPEC §4).
+"""TwinFlow patch for diffusers' ``ZImageTransformer2DModel`` (docs/algorithm.md §4).
 
 Time convention: ``ZImagePipeline`` calls the transformer with ``t_z = (1000 − timestep)/1000
 = 1 − σ`` and negates its output; the transformer embeds ``t_embedder(t_z · t_scale)``

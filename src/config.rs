@@ -1,4 +1,4 @@
-//! Sampler settings (SPEC §2): each declared once (type, default, range, doc) in
+//! Sampler settings (docs/algorithm.md §2): each declared once (type, default, range, doc) in
 //! [`sampler_settings!`], serde-friendly, validated once, plus the published presets.
 
 use serde::{Deserialize, Serialize};
@@ -74,7 +74,7 @@ mod sde_tag {
 
 impl StochastRatio {
     /// s_i for the interval t_c → t_n. The "SDE" ratio is recomputed for every step
-    /// (the reference computes it once and reuses it: SPEC §5.2).
+    /// (the reference computes it once and reuses it: docs/algorithm.md §5.2).
     pub fn at(&self, t_c: f64, t_n: f64) -> f64 {
         match *self {
             Self::Fixed(s) => s,
@@ -461,7 +461,7 @@ sampler_settings! {
 pub const PRESET_NAMES: [&str; 5] = ["1-nfe", "2-nfe", "4-nfe", "any-step", "multi-step"];
 
 impl SamplerConfig {
-    /// The published settings (SPEC §2 table).
+    /// The published settings (docs/algorithm.md §2 table).
     pub fn preset(name: &str) -> Result<Self> {
         let few = |steps: usize, s: f64, g1: f64| Self {
             sampling_steps: steps,

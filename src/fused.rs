@@ -1,4 +1,4 @@
-//! Fused single-pass CPU kernels for the sampler update (SPEC §2).
+//! Fused single-pass CPU kernels for the sampler update (docs/algorithm.md §2).
 //!
 //! Each kernel reads its inputs once and writes its outputs once, which on CPU runs at
 //! memory speed instead of the 5–8 passes (and fresh temporaries) of a sequence of torch ops.

@@ -1,5 +1,5 @@
-//! The sampler's time grid (SPEC §2): gapped linspace, Kumaraswamy warp, descending to 0.
-//! Computed in f64; the reference rounds it to bf16 (SPEC §5.5), we do not.
+//! The sampler's time grid (docs/algorithm.md §2): gapped linspace, Kumaraswamy warp, descending to 0.
+//! Computed in f64; the reference rounds it to bf16 (docs/algorithm.md §5.5), we do not.
 
 use crate::config::SamplerConfig;
 

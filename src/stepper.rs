@@ -1,4 +1,4 @@
-//! One model evaluation at a time (SPEC §2): the state machine behind both the sampling loop
+//! One model evaluation at a time (docs/algorithm.md §2): the state machine behind both the sampling loop
 //! (`twinflow.UnifiedSampler.sample`, in Python) and the diffusers scheduler, so the two
 //! cannot drift apart. The caller calls the model and draws the noise; `step` does the rest.
 //!

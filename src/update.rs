@@ -1,4 +1,4 @@
-//! The sampler's tensor update (SPEC §1–§2): x̂/ẑ estimates, stochastic mix, extrapolation and the
+//! The sampler's tensor update (docs/algorithm.md §1–§2): x̂/ẑ estimates, stochastic mix, extrapolation and the
 //! Heun corrector. Each operation runs either as a fused kernel (`fused.rs`) on contiguous CPU
 //! f32/f64 tensors that need no autograd, or as libtorch ops otherwise (GPU, half types,
 //! strided inputs, gradients). Both compute the same expression in the same order.

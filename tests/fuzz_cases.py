@@ -123,7 +123,7 @@ def make(kind: str, shape, g):
        maybe(small_float), maybe(small_float), st.one_of(st.none(), maybe(st.floats(0, 1))),
        st.booleans(), st.integers(1, 3), st.sampled_from([3, 7, 40000]), st.booleans())
 def ucgm_step_inputs(kx, kv, kn, t_cur, t_next, s, use_out, rows, cols, poison):
-    """Any inputs: refused, or the SPEC §2 formula (computed here in float64 torch ops)."""
+    """Any inputs: refused, or the docs/algorithm.md §2 formula (computed here in float64 torch ops)."""
     g = torch.Generator().manual_seed(rows * 7 + cols)
     x, v = make(kx, (rows, cols), g), make(kv, (rows, cols), g)
     noise = None if kn is None else make(kn, (rows, cols), g)

@@ -1,7 +1,7 @@
-"""twinflow.TwinFlowLoss and twinflow.losses against the plain-PyTorch transcription of SPEC §3.
+"""twinflow.TwinFlowLoss and twinflow.losses against the plain-PyTorch transcription of docs/algorithm.md §3.
 
 The oracle is ``tests/twinflow_reference.py`` (it does not import twinflow); it follows
-SPEC §3 and docs/training.md (call order and rows, random-draw order, dtypes, EMA).
+docs/algorithm.md §3 and docs/training.md (call order and rows, random-draw order, dtypes, EMA).
 
 The small model ``TinyNet`` logs every call it receives into the module-level ``CALLS``
 list: which module was called (the online model, or any other module such as the
@@ -416,7 +416,7 @@ CASES = {
     "l2-N0-enr0.8": (dict(loss="l2", estimate_order=0, enhanced_ratio=0.8), {}),
     "fm-keywords": (dict(recipe="flow_matching", loss="l2"), {}),
     # reading: hi > 1 still enhances only mul ∪ any rows (docs: calls 3/4 run on mul ∪ any;
-    # SPEC §3.3's row rule alone would also take the e2e rows, t = 1 < hi)
+    # docs/algorithm.md §3.3's row rule alone would also take the e2e rows, t = 1 < hi)
     "enr-range-beyond-1": (dict(enhanced_range=(0.0, 1.5)), {}),
     "uif-emd1-wide-range": (dict(use_image_free=True, ema_decay_rate=1.0, enhanced_range=(-0.5, 1.5)), {}),
     "scale2": (dict(time_dist_ctrl=(1.0, 1.0, 2.0)), {}),
@@ -494,7 +494,7 @@ def test_global_rng_when_no_generator():
 
 
 def test_runs_on_cpu_without_cuda():
-    """SPEC §5.3: training must run on CPU (no torch.cuda RNG save/restore)."""
+    """docs/algorithm.md §5.3: training must run on CPU (no torch.cuda RNG save/restore)."""
     code = textwrap.dedent("""
         import torch
         assert not torch.cuda.is_available()
@@ -700,7 +700,7 @@ def test_last_stats_consistency():
     r = run_both(dict(recipe="twinflow"), what="stats")
     st = r["stats"]
     assert isinstance(st["model_calls"], int)
-    # reading (SPEC/docs silent): loss = base + dist_match, dist_match either dmc·mean or the mean
+    # reading (docs/algorithm.md and the docs silent): loss = base + dist_match, dist_match either dmc·mean or the mean
     tot = float(st["loss"])
     assert (abs(tot - (st["base"] + st["dist_match"])) < 1e-5 * abs(tot)
             or abs(tot - (st["base"] + 0.5 * st["dist_match"])) < 1e-5 * abs(tot)), st
@@ -828,7 +828,7 @@ def test_odd_inputs_raise_not_panic():
         lambda: TwinFlowLoss(enhanced_range=(0.0,))(model, x, cond=c, generator=gen(0)),
         lambda: TwinFlowLoss(time_dist_ctrl=(1.0, 1.0))(model, x, cond=c, generator=gen(0)),
     ]
-    # SPEC/docs do not say whether these are errors: only "no panic" is required
+    # docs/algorithm.md and the docs do not say whether these are errors: only "no panic" is required
     may_raise = [
         lambda: TwinFlowLoss(sub_batches={"e2e": 0, "mul": 0, "any": 0, "adv": 0})(model, x, cond=c, generator=gen(0)),
         lambda: TwinFlowLoss(sub_batches={"e2e": 1, "mul": 1, "any": 1, "adv": 1, "xyz": 1})(model, x, generator=gen(0)),

@@ -1,12 +1,12 @@
 """diffusers_patch.qwen_image / diffusers_patch.z_image: TwinFlow's target-time embedding on
-stock diffusers transformers (SPEC §4).
+stock diffusers transformers (docs/algorithm.md §4).
 
 What is checked (CPU, tiny random-weight transformers, a few seconds in all):
 
 * invariance: without a target time, and with tt = t, the patched transformer gives the stock
   output (batch of 2, several timesteps);
 * with tt ≠ t the output changes, and only through the aux embedder (zeroing its last layer
-  gives the stock output back); the time embedding follows the SPEC §4 formula exactly;
+  gives the stock output back); the time embedding follows the docs/algorithm.md §4 formula exactly;
 * the state dict gains exactly the published aux keys, starting as a copy of the main
   embedder; save_pretrained → stock from_pretrained + patch + aux keys from the safetensors
   file reproduces the outputs;
@@ -337,7 +337,7 @@ def test_lora_mode_label(case):
     diffusers_patch.set_target_time(patched, torch.tensor([0.5, 0.0]))
     torch.testing.assert_close(case.run(patched, 0.75), case.run(stock, torch.tensor([0.5, 0.75])),
                                atol=1e-6, rtol=0)
-    # no target time: tt = t, so the label is t/2 (SPEC §4: the LoRA label is always t − tt/2)
+    # no target time: tt = t, so the label is t/2 (docs/algorithm.md §4: the LoRA label is always t − tt/2)
     diffusers_patch.set_target_time(patched, None)
     torch.testing.assert_close(case.run(patched, 0.75), case.run(stock, 0.375), atol=1e-6, rtol=0)
 

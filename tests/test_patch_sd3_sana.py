@@ -1,10 +1,10 @@
-"""diffusers_patch.sd3 and diffusers_patch.sana: TwinFlow's target-time embedding (SPEC §4) on
+"""diffusers_patch.sd3 and diffusers_patch.sana: TwinFlow's target-time embedding (docs/algorithm.md §4) on
 stock SD3Transformer2DModel and SanaTransformer2DModel.
 
 What is checked (CPU, tiny random-weight transformers, seconds):
 
 1. invariant: without a target time, and with tt = t, the patched output equals the stock one;
-2. with tt ≠ t the output changes, by exactly the SPEC §4 aux term (checked on the time
+2. with tt ≠ t the output changes, by exactly the docs/algorithm.md §4 aux term (checked on the time
    embedding against the stock embedder), and the aux weights are used;
 3. state_dict: exactly the aux keys are added, initialised as published: Linear weights from
    N(0, 0.02), zero biases;
@@ -138,7 +138,7 @@ def test_aux_term_matches_spec_and_uses_aux_weights(case):
     t, tt = _t2((0.8, 0.6)), _t2((0.3, 0.0))
     ts = case.timestep(t)
     diffusers_patch.set_target_time(case.model, tt)
-    # SPEC §4 with emb₂ fed in the embedder's own units (S·tt)
+    # docs/algorithm.md §4 with emb₂ fed in the embedder's own units (S·tt)
     got = _as_tuple(case.embed(case.main, ts))
     base, aux = _as_tuple(case.embed(stock_emb, ts)), _as_tuple(case.embed(case.aux(case.model), tt * case.scale))
     assert len(got) == (1 if case.name == "sd3" else 2)  # Sana: modulation and embedded timestep

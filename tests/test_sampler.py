@@ -1,7 +1,7 @@
-"""twinflow.UnifiedSampler against the independent plain-torch transcription of SPEC section 2.
+"""twinflow.UnifiedSampler against the independent plain-torch transcription of docs/algorithm.md §2.
 
 Every test here compares the real sampler with ``ucgm_reference`` (which does
-not import twinflow) or checks an API property stated in the brief/SPEC.
+not import twinflow) or checks an API property stated in the brief/docs/algorithm.md.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def test_settings_properties_roundtrip():
 
 
 def test_int_values_accepted_for_float_fields():
-    # the SPEC writes the defaults as (1, 1, 1) and (0, 0)
+    # docs/algorithm.md writes the defaults as (1, 1, 1) and (0, 0)
     s = UnifiedSampler(sampling_steps=3, stochast_ratio=1, extrapol_ratio=0, time_dist_ctrl=(1, 1, 1),
                        rfba_gap_steps=(0, 0))
     assert s.stochast_ratio == 1.0
@@ -372,7 +372,7 @@ def test_preset_values(name):
 def test_preset_explicit_timesteps(name, expected):
     ts = UnifiedSampler.preset(name).timesteps
     assert ts.dtype == torch.float64
-    # float64, not rounded to bf16 (SPEC section 5 item 5: 0.999 must not become 1.0)
+    # float64, not rounded to bf16 (docs/algorithm.md §5 item 5: 0.999 must not become 1.0)
     torch.testing.assert_close(ts, torch.tensor(expected, dtype=torch.float64), atol=1e-15, rtol=0)
     assert ts[0].item() != 1.0
     assert ts[-1].item() == 0.0
@@ -467,7 +467,7 @@ def test_point_mass_model_recovers_data(style, order, stoch, extra):
 
 
 def test_model_ignoring_tt_order1_is_euler():
-    """SPEC section 1: order 1, s = 0 is exactly Euler on the flow ODE."""
+    """docs/algorithm.md §1: order 1, s = 0 is exactly Euler on the flow ODE."""
     def flow(x, *, t, tt):
         return torch.tanh(x) * _bcast(t, x) + 0.5 * x
 

@@ -1,4 +1,4 @@
-"""Error behaviour of twinflow.UnifiedSampler / ucgm_step (SPEC section 2, "Invalid configurations").
+"""Error behaviour of twinflow.UnifiedSampler / ucgm_step (docs/algorithm.md §2, "Invalid configurations").
 
 Every check goes through ``expect_error``, which catches BaseException so that a
 leaked Rust panic (``pyo3_runtime.PanicException``, a BaseException subclass) is
@@ -132,7 +132,7 @@ def test_unknown_preset(name):
 
 
 def test_valid_edge_configs_are_accepted():
-    # boundaries that the SPEC allows
+    # boundaries that docs/algorithm.md allows
     UnifiedSampler(sampling_steps=1)
     UnifiedSampler(stochast_ratio=0.0)
     UnifiedSampler(stochast_ratio=1.0)

@@ -1,4 +1,4 @@
-"""twinflow.TwinFlowScheduler: the UnifiedSampler (SPEC section 2) as a diffusers scheduler.
+"""twinflow.TwinFlowScheduler: the UnifiedSampler (docs/algorithm.md §2) as a diffusers scheduler.
 
 What is checked (CPU, small tensors, a few seconds in all):
 
@@ -109,7 +109,7 @@ def run_loop(s, x, *, generator=None, calls=None):
 
 
 def eval_times(grid, order):
-    """Per-evaluation times of SPEC section 2 for a grid t_0 > ... > t_n = 0 (list of floats)."""
+    """Per-evaluation times of docs/algorithm.md §2 for a grid t_0 > ... > t_n = 0 (list of floats)."""
     n = len(grid) - 1
     if order == 1:
         return list(grid[:-1])

@@ -1,7 +1,7 @@
 """twinflow.training.models: the per-backbone model call and text encoding against the stock
 diffusers pipelines (tiny random weights, CPU).
 
-The TwinFlow model call the trainer gives TwinFlowLoss (``TwinFlowModel``, SPEC §4 time
+The TwinFlow model call the trainer gives TwinFlowLoss (``TwinFlowModel``, docs/algorithm.md §4 time
 conventions, Qwen-Image token packing, Z-Image's negated output) must be the network the
 pipeline runs: for every backbone, sampling ``UnifiedSampler`` (2 steps, deterministic, one-step
 style so tt = 0 ≠ t and the aux embedder is live) through ``TwinFlowModel`` on the trainer's

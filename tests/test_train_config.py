@@ -1,6 +1,6 @@
 """twinflow.training.config: the published configs in configs/ and config errors (no training).
 
-Every YAML under configs/ validates and carries the SPEC §3.7 settings of its model × full/LoRA
+Every YAML under configs/ validates and carries the docs/algorithm.md §3.7 settings of its model × full/LoRA
 × estimate order; a bad key, type or value is a ValueError/TypeError naming the file and the
 dotted key; ``--set key=value`` overrides are parsed as YAML and validated like the file.
 """
@@ -40,7 +40,7 @@ def test_published_settings(path):
     tf, t = cfg.twinflow, cfg.training
     assert cfg.lora.enabled is lora
     assert tf.estimate_order == int(order[0])
-    # SPEC §3.7, the published configs (Z-Image: Qwen-Image's; Sana: OpenUni's)
+    # docs/algorithm.md §3.7, the published configs (Z-Image: Qwen-Image's; Sana: OpenUni's)
     fam = {"z_image": "qwen_image"}.get(key, key)
     assert t.lr == (1e-4 if lora or fam == "sana" else 1e-5)
     assert t.adam_betas == ((0.9, 0.95) if fam == "sana" else (0.9, 0.99))

@@ -1,6 +1,6 @@
 """``twinflow train`` for OpenUni on the tiny random-weight model (tests/tiny_openuni.py), CPU:
 
-* the four published configs (configs/openuni_*.yaml) carry SPEC §3.7's OpenUni rows;
+* the four published configs (configs/openuni_*.yaml) carry docs/algorithm.md §3.7's OpenUni rows;
 * 2-step runs through the real command: full fine-tuning on images + captions (text through
   LM + meta-queries + connector + projector), LoRA with the published target modules, and
   image-free training on a prompts-only .txt file; each exported pipeline loads with
@@ -32,7 +32,7 @@ import twinflow  # noqa: E402
 from twinflow.training.config import load_config  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-# SPEC §3.7 OpenUni rows: enr, emd, N, lora, use_image_free
+# docs/algorithm.md §3.7 OpenUni rows: enr, emd, N, lora, use_image_free
 ROWS = {"openuni_full": (0.8, 0.999, 2, False, False), "openuni_full_imgfree": (4.0, 1.0, 2, False, True),
         "openuni_lora_1order": (0.8, 0.0, 1, True, False), "openuni_lora_2order": (0.8, 0.99, 2, True, False)}
 FAST = ["training.max_steps=2", "training.checkpoint_every=2", "training.sample_every=2"]

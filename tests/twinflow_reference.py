@@ -1,12 +1,12 @@
-"""Independent plain-PyTorch transcription of SPEC.md section 3 (the TwinFlow training step)
+"""Independent plain-PyTorch transcription of docs/algorithm.md §3 (the TwinFlow training step)
 with the conventions of docs/training.md (call order and rows, random-draw order, dtypes, EMA).
 
 This module deliberately does NOT import twinflow: it is the oracle that
 tests/test_losses.py and bench/train_step.py compare ``twinflow.TwinFlowLoss`` against.
 
-Conventions transcribed (SPEC §3 + docs/training.md):
+Conventions transcribed (docs/algorithm.md §3 + docs/training.md):
 
-* Sub-batches (SPEC §3.1): contiguous runs e2e, mul, any, adv; every active run
+* Sub-batches (docs/algorithm.md §3.1): contiguous runs e2e, mul, any, adv; every active run
   (weight > 0) gets one row, the remaining ``B - A`` rows are shared by the largest
   remainder method on the quotas ``(B - A)·w_k/Σw`` (floor, then the leftover rows to
   the largest fractional parts, ties to the earlier run).  An inactive run is the empty
@@ -37,15 +37,15 @@ Conventions transcribed (SPEC §3 + docs/training.md):
   before the step, which is numerically the same as updating it inside the step since θ
   does not change during a step).
 
-Readings where SPEC and docs are silent (also stated in the test report):
+Readings where docs/algorithm.md and the docs are silent (also stated in the test report):
 
 * ``stats["dist_match"]`` is the added term, i.e. ``dmc·mean(L(F_e2e, sg(F_e2e − Δv)))``,
   and ``stats["loss"] = stats["base"] + stats["dist_match"]``; ``stats["dist_match_raw"]``
   holds the mean without the factor.
 * The enhanced-target row mask is ``lo < t < hi`` over the non-adv rows; calls 3/4 cover
-  mul ∪ any, and the e2e rows too when lo < 1 < hi (SPEC §3.3 row rule).
+  mul ∪ any, and the e2e rows too when lo < 1 < hi (docs/algorithm.md §3.3 row rule).
 * ``x' = x_t − 0.01·target`` and ``R = F·cl − P·cr − target`` use the target *after* the
-  enhancement of §3.3 (SPEC order, as published).
+  enhancement of §3.3 (the documented order, as published).
 * When N = 0 and there are no mul ∪ adv rows the base loss is 0 (as published).
 """
 
@@ -74,7 +74,7 @@ DEFAULTS: Dict[str, Any] = dict(
     sub_batches={"e2e": 1.0, "mul": 1.0, "any": 1.0, "adv": 1.0},
 )
 
-# SPEC §3.7.  "RCGM only ... no §3.6" is transcribed as dist_match_cof = 0 (docs: the
+# docs/algorithm.md §3.7.  "RCGM only ... no §3.6" is transcribed as dist_match_cof = 0 (docs: the
 # distribution-matching calls run only when dmc != 0).
 RECIPES: Dict[str, Dict[str, Any]] = {
     "twinflow": dict(sub_batches={"e2e": 1.0, "mul": 1.0, "any": 1.0, "adv": 1.0}),
@@ -109,7 +109,7 @@ def resolve_hyper(recipe: Optional[str] = "twinflow", **overrides) -> Dict[str, 
 # ----------------------------------------------------------------------------- pure functions
 
 def reference_split(B: int, weights: Dict[str, float]) -> Dict[str, Tuple[int, int]]:
-    """SPEC §3.1 largest-remainder split of B rows into the runs e2e, mul, any, adv."""
+    """docs/algorithm.md §3.1 largest-remainder split of B rows into the runs e2e, mul, any, adv."""
     w = [float(weights.get(k, 0.0)) for k in RUNS]
     active = [i for i, v in enumerate(w) if v > 0]
     a = len(active)
@@ -142,7 +142,7 @@ def reference_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def reference_barron(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0,
                      c: float = 1e-3) -> torch.Tensor:
-    """SPEC §3.5 Barron reweighting, per row → [B]; the weight is stop-gradient."""
+    """docs/algorithm.md §3.5 Barron reweighting, per row → [B]; the weight is stop-gradient."""
     m = reference_l2(pred, target)
     if float(alpha) == 2.0:
         return m / c
@@ -212,7 +212,7 @@ def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def reference_loss(model, teacher, x: torch.Tensor, cond=None, uncond=None, generator=None,
                    **hyper):
-    """One TwinFlow training step (SPEC §3) → (loss, calls, stats).
+    """One TwinFlow training step (docs/algorithm.md §3) → (loss, calls, stats).
 
     ``teacher`` is the module T of docs/training.md (for the internal EMA the caller passes
     the already-updated EMA copy; ``None`` means the online model).  ``hyper``: ``recipe=``
@@ -361,7 +361,7 @@ def reference_loss(model, teacher, x: torch.Tensor, cond=None, uncond=None, gene
             ce = _rows(cond, e)
             fake_v = call(model, x_tau, (-tau).to(xdt), (-tau).to(xdt), ce, er)
             real_v = call(model, x_tau, tau.to(xdt), tau.to(xdt), ce, er)
-            # SPEC: "fp32"; docs/training.md: float64 for float64 input -> computed in cdt
+            # docs/algorithm.md: "fp32"; docs/training.md: float64 for float64 input -> computed in cdt
             dv = (fake_v.to(cdt) - real_v.to(cdt)).clamp(-1.0, 1.0)
         F_e = Fc[e]
         dm_raw = _per_row_loss(h, F_e, (F_e - dv).detach()).mean()

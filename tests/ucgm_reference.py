@@ -1,4 +1,4 @@
-"""Independent plain-PyTorch transcription of SPEC.md section 2 (UnifiedSampler, UCGM-S).
+"""Independent plain-PyTorch transcription of docs/algorithm.md §2 (UnifiedSampler, UCGM-S).
 
 This module deliberately does NOT import twinflow: it is the oracle the tests
 compare the real implementation against.  It follows the spec literally:
@@ -50,7 +50,7 @@ def reference_timesteps(
     time_dist_ctrl: Sequence[float] = (1.0, 1.0, 1.0),
     rfba_gap_steps: Sequence[float] = (0.0, 0.0),
 ) -> torch.Tensor:
-    """The descending float64 time grid of SPEC section 2 (n + 1 values, last is 0)."""
+    """The descending float64 time grid of docs/algorithm.md §2 (n + 1 values, last is 0)."""
     n = reference_n(sampling_steps, sampling_order)
     a, b, c = (float(v) for v in time_dist_ctrl)
     g0, g1 = (float(v) for v in rfba_gap_steps)

@@ -48,7 +48,7 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance (true_cfg_scale for Qwen-Image); 1 = off, as TwinFlow models run")
     p.add_argument("--mode", choices=("aux", "lora"), default=None,
-                   help="target-time conditioning (SPEC §4); default: what the checkpoint records, else aux")
+                   help="target-time conditioning (docs/algorithm.md §4); default: what the checkpoint records, else aux")
     p.add_argument("--output-dir", type=pathlib.Path, default=pathlib.Path("out/generate"),
                    help="where {prompt:03d}-{image:02d}.png and .json go (created if missing)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")

@@ -10,7 +10,7 @@ mode "lora", format). Two ways to load it:
     pipe = twinflow.load_pipeline(base, model="sd3", mode="lora")    # or by hand: the patched base,
     pipe.load_lora_weights(folder)                                   # then diffusers' stock loader
 
-A TwinFlow LoRA is trained with the LoRA-mode patch (single time label t − tt/2, SPEC §4):
+A TwinFlow LoRA is trained with the LoRA-mode patch (single time label t − tt/2, docs/algorithm.md §4):
 on a pipeline loaded in mode "aux", or on the unpatched stock pipeline, it is a different
 model, which ``load_pipeline`` refuses.
 """

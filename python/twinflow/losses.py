@@ -1,4 +1,4 @@
-"""The TwinFlow training objective (SPEC §3) for any PyTorch training loop.
+"""The TwinFlow training objective (docs/algorithm.md §3) for any PyTorch training loop.
 
 The loss itself runs in the Rust core (``twinflow._core.TwinFlowObjective``); this module
 keeps the teacher (:class:`twinflow.ema.EmaTeacher`) and the last step's diagnostics.
@@ -39,7 +39,7 @@ def _settings_doc() -> str:
 class TwinFlowLoss:
     """``loss = loss_fn(model, x, cond=None, uncond=None, teacher=None, generator=None)``.
 
-    ``recipe`` is ``"twinflow"``, ``"rcgm"`` or ``"flow_matching"`` (SPEC §3.7); keyword
+    ``recipe`` is ``"twinflow"``, ``"rcgm"`` or ``"flow_matching"`` (docs/algorithm.md §3.7); keyword
     settings (``LOSS_SETTINGS``; defaults are the TwinFlow recipe's) override it:
 
 {settings}

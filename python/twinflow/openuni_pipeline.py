@@ -1,5 +1,5 @@
 """OpenUni as a diffusers pipeline: InternVL3's language model + meta-queries → connector →
-projector → Sana transformer → DC-AE (SPEC §4; facts in ``diffusers_patch.openuni``).
+projector → Sana transformer → DC-AE (docs/algorithm.md §4; facts in ``diffusers_patch.openuni``).
 
     pipe = OpenUniPipeline.from_pth("openuni_l_internvl3_2b_sana_1_6b_512_hf_blip3o60k.pth",
                                     text_encoder="InternVL3-2B", tokenizer="InternVL3-2B",

@@ -9,7 +9,7 @@ with ``diffusion_pytorch_model.safetensors`` or shards plus their ``.index.json`
 text encoders, tokenizers, ``scheduler/``) — local, or a Hub repo id through huggingface_hub's
 cache — optionally with the transformer from another folder (``transformer=``, e.g. what the
 published training writes: the transformer alone), with the stock pipeline class, patches the
-transformer with ``diffusers_patch`` (SPEC §4), loads the aux target-time embedder from the
+transformer with ``diffusers_patch`` (docs/algorithm.md §4), loads the aux target-time embedder from the
 transformer's safetensors (keys the stock class does not know, so diffusers skips them) and
 installs a ``TwinFlowPresetScheduler``: each pipeline call gets the published preset of its own
 ``num_inference_steps`` (``twinflow.scheduler.preset_for_steps``). The transformer is wired to
@@ -425,7 +425,7 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
         dtype: a torch dtype or its name; None loads float32 (diffusers' default).
             ``torch_dtype`` is accepted as its older name.
         device: where to move the pipeline ("cpu", "cuda", "auto", a torch.device); None keeps CPU.
-        mode: "aux" (second target-time embedder, weights from the checkpoint) or "lora" (SPEC §4).
+        mode: "aux" (second target-time embedder, weights from the checkpoint) or "lora" (docs/algorithm.md §4).
             Default: the recorded mode, "lora" with `lora`, else "aux"; a value that contradicts
             the record is a ValueError.
         scheduler: a TwinFlowScheduler to install; default a :class:`TwinFlowPresetScheduler`.

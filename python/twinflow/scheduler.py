@@ -16,7 +16,7 @@ generator from a hash of the first sample it steps (the initial latents, drawn f
 pipeline's generator): the same pipeline seed gives the same image every run.
 
 Presets by step count: ``preset_for_steps(n)`` maps 1 → "1-nfe", 2 → "2-nfe", ≥ 3 → "4-nfe"
-(SPEC §2 table); ``scheduler_for_steps(n)`` is that preset as a scheduler, and
+(docs/algorithm.md §2 table); ``scheduler_for_steps(n)`` is that preset as a scheduler, and
 ``TwinFlowPresetScheduler`` re-applies the mapping at every ``set_timesteps`` (what
 ``twinflow.load_pipeline`` installs).
 """
@@ -60,7 +60,7 @@ class TwinFlowSchedulerOutput(BaseOutput):
 
 
 class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
-    """UCGM unified sampling (SPEC §2) for flow-matching pipelines.
+    """UCGM unified sampling (docs/algorithm.md §2) for flow-matching pipelines.
 
     Args:
         num_train_timesteps: timestep scale of the pipeline (``timesteps = t · scale``).
@@ -266,7 +266,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         return self.config.num_train_timesteps
 
 
-# Presets by step count (SPEC §2 table); twinflow.load_pipeline installs TwinFlowPresetScheduler.
+# Presets by step count (docs/algorithm.md §2 table); twinflow.load_pipeline installs TwinFlowPresetScheduler.
 
 def preset_for_steps(steps: int) -> str:
     """The published preset for a step count: 1 → "1-nfe", 2 → "2-nfe", ≥ 3 → "4-nfe"."""
@@ -282,7 +282,7 @@ def scheduler_for_steps(steps: int, **overrides) -> TwinFlowScheduler:
 
 
 def _preset_step_settings(steps: int) -> dict:
-    # The 1/2/4-NFE presets differ only in these two settings (SPEC §2 table).
+    # The 1/2/4-NFE presets differ only in these two settings (docs/algorithm.md §2 table).
     s = SamplerSettings.preset(preset_for_steps(steps)).to_dict()
     return {"stochast_ratio": s["stochast_ratio"], "rfba_gap_steps": tuple(s["rfba_gap_steps"])}
 

@@ -1,6 +1,6 @@
 """A 2-D toy flow: a Gaussian mixture and its *exact* flow-matching velocity.
 
-Transport (SPEC §1): ``x_t = t·z + (1 − t)·x`` with ``z ~ N(0, I)`` (t = 1 is
+Transport (docs/algorithm.md §1): ``x_t = t·z + (1 − t)·x`` with ``z ~ N(0, I)`` (t = 1 is
 pure noise) and ``x`` drawn from the mixture. The velocity a flow-matching
 network learns is the conditional mean ``v(x_t, t) = E[z − x | x_t]``; for a
 Gaussian mixture it has a closed form, so the toy needs no training and every
@@ -42,7 +42,7 @@ mixture (plain torch, no sampler needed)::
 
 The same field plugs straight into the sampler: ``UnifiedSampler(...).sample(
 GaussianMixtureVelocity(mix), noise)``; it ignores ``tt`` (an ordinary
-flow-matching model, SPEC §1) and uses ``|t|`` (the sign convention of the
+flow-matching model, docs/algorithm.md §1) and uses ``|t|`` (the sign convention of the
 twin trajectory does not apply to an exact field).
 """
 
@@ -319,7 +319,7 @@ def fraction_near_modes(samples: torch.Tensor, mixture: GaussianMixture2D,
 
 class ToyNet(torch.nn.Module):
     """A small MLP velocity field on R² for TwinFlow training: x, emb(t), emb(tt) → v.
-    The embedding keeps the sign of t (negative t marks the twin trajectory, SPEC §1)."""
+    The embedding keeps the sign of t (negative t marks the twin trajectory, docs/algorithm.md §1)."""
 
     def __init__(self, hidden: int = 128, n_freq: int = 6):
         super().__init__()

@@ -1,4 +1,4 @@
-//! The objective's settings (SPEC §3): [`LOSS_SETTINGS`] declares each one once — type,
+//! The objective's settings (docs/algorithm.md §3): [`LOSS_SETTINGS`] declares each one once — type,
 //! range, doc — and [`ObjectiveConfig`] holds their values, with the published recipes
 //! (§3.7) and the validation derived from the declarations.
 
@@ -160,7 +160,7 @@ pub const MAX_ESTIMATE_ORDER: i64 = 16;
 pub const RECIPES: [&str; 3] = ["twinflow", "rcgm", "flow_matching"];
 
 impl ObjectiveConfig {
-    /// SPEC §3.7: TwinFlow (all four runs), RCGM only (no adv run, no distribution
+    /// docs/algorithm.md §3.7: TwinFlow (all four runs), RCGM only (no adv run, no distribution
     /// matching), plain flow matching (mul run only, no consistency, guidance or RCGM).
     pub fn recipe(name: &str) -> Result<Self> {
         let d = Self::default();

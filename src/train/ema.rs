@@ -1,4 +1,4 @@
-//! EMA teacher (SPEC §3.2): warm-up decay schedule and the in-place update.
+//! EMA teacher (docs/algorithm.md §3.2): warm-up decay schedule and the in-place update.
 
 use serde::{Deserialize, Serialize};
 use tch::Tensor;

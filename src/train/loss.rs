@@ -1,4 +1,4 @@
-//! Per-row losses and the time weight (SPEC §3.5). Inputs are cast to float32 (float64 stays)
+//! Per-row losses and the time weight (docs/algorithm.md §3.5). Inputs are cast to float32 (float64 stays)
 //! so that bf16/fp16 model outputs are compared in full precision.
 
 use tch::{Kind, Tensor};

@@ -1,4 +1,4 @@
-//! The TwinFlow training objective (SPEC §3): sub-batches, times, targets, losses, EMA and
+//! The TwinFlow training objective (docs/algorithm.md §3): sub-batches, times, targets, losses, EMA and
 //! the step that orchestrates them through a [`step::TrainModel`].
 
 pub mod config;

@@ -1,4 +1,4 @@
-//! The TwinFlow training objective (SPEC §3) as named parts — time draws, one-step fakes,
+//! The TwinFlow training objective (docs/algorithm.md §3) as named parts — time draws, one-step fakes,
 //! interpolation, the enhanced and RCGM targets, the weighted loss and distribution
 //! matching — and [`training_step`], which runs them in the order of docs/training.md
 //! through a [`TrainModel`].

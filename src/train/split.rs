@@ -1,4 +1,4 @@
-//! Contiguous sub-batch runs e2e, mul, any, adv (SPEC §3.1): one row per active run, the
+//! Contiguous sub-batch runs e2e, mul, any, adv (docs/algorithm.md §3.1): one row per active run, the
 //! rest by the largest-remainder method, ties to the earlier run.
 
 use std::ops::Range;

@@ -1,4 +1,4 @@
-//! Training targets (SPEC §3.3–3.4): guidance-enhanced target and the N-th order RCGM target.
+//! Training targets (docs/algorithm.md §3.3–3.4): guidance-enhanced target and the N-th order RCGM target.
 //! Everything here runs without gradient; tensors are in the compute kind (f32/f64).
 
 use tch::Tensor;
@@ -12,7 +12,7 @@ pub fn rows(v: &Tensor, dim: usize) -> Result<Tensor> {
     Ok(v.f_view(shape.as_slice())?)
 }
 
-/// SPEC §3.3 on the rows given: where lo < t < hi, target + enr·(v_c − v_u), or with
+/// docs/algorithm.md §3.3 on the rows given: where lo < t < hi, target + enr·(v_c − v_u), or with
 /// `replace` (emd = 1 and use_image_free) v_u + enr·(v_c − v_u).
 pub fn enhanced_target(
     target: &Tensor,
@@ -29,7 +29,7 @@ pub fn enhanced_target(
     Ok(new.f_where_self(&mask, target)?)
 }
 
-/// SPEC §3.4. `teacher(x', s_k, s_{k+1})` returns the teacher's velocity in the compute kind.
+/// docs/algorithm.md §3.4. `teacher(x', s_k, s_{k+1})` returns the teacher's velocity in the compute kind.
 /// Rows with t − tt = 0 use 1/(t − tt) = 0, so no row produces NaN or Inf.
 pub fn rcgm_target(
     teacher: &mut dyn FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,

@@ -1,4 +1,4 @@
-//! Training times (SPEC §3.1): t ~ Beta(β1, β2)·scale, tt and t_min.
+//! Training times (docs/algorithm.md §3.1): t ~ Beta(β1, β2)·scale, tt and t_min.
 
 use tch::{Device, Kind, Tensor};
 

@@ -5,7 +5,7 @@ lives in the backbone's module under ``diffusers_patch``; this module asks the r
 
 ``TwinFlowModel`` turns TwinFlowLoss's ``model(x_t, t=t, tt=tt, c=cond)`` (t, tt signed, t
 units: 1 = noise) into a call of the transformer patched by ``diffusers_patch``: tt goes in
-through ``set_target_time``, t in the model's own timestep convention (SPEC §4), and the
+through ``set_target_time``, t in the model's own timestep convention (docs/algorithm.md §4), and the
 output is the velocity z − x. Latents x are [B, C, h, w] for every backbone (Qwen-Image
 packs them into tokens inside the call, Z-Image takes them as a list of frames).
 """

@@ -1,4 +1,4 @@
-"""The teacher TwinFlowLoss calls (SPEC §3.2) in ``twinflow train``: the loss's own
+"""The teacher TwinFlowLoss calls (docs/algorithm.md §3.2) in ``twinflow train``: the loss's own
 :class:`twinflow.ema.EmaTeacher` (``loss_fn.ema``), bound here to
 
 - full fine-tuning: an EMA copy of the model (sharded like it under FSDP2);

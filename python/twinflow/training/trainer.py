@@ -190,7 +190,7 @@ class Trainer:
 
     def _prompts_only_latent_shape(self):
         """A prompts-only dataset trains image-free: the loss replaces every row's x by one-step
-        fakes (SPEC §3.1), so x only needs its shape, which one VAE encoding gives."""
+        fakes (docs/algorithm.md §3.1), so x only needs its shape, which one VAE encoding gives."""
         if not self.loss_fn.config["use_image_free"]:
             raise ValueError(f"the dataset has prompts only (no image column {self.cfg.data.image_column!r}, no "
                              "latents): that trains only with twinflow.use_image_free: true")

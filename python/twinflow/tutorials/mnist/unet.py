@@ -1,4 +1,4 @@
-"""A small UNet velocity network for 28×28 digits: x_t, t, tt, class → v (SPEC §1).
+"""A small UNet velocity network for 28×28 digits: x_t, t, tt, class → v (docs/algorithm.md §1).
 
 t and tt are signed (a negative time marks the twin trajectory), so their embedding keeps
 the sign: sin features are odd, and the raw value is appended. Class ``num_classes`` is the
