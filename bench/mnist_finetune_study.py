@@ -32,32 +32,33 @@ STUDY = ROOT / "docs" / "mnist" / "study"
 
 # name: (description, TrainSettings fields). All start from the shipped flow-matching model
 # (1500 steps of batch 128) and keep its batch size, label dropout and sampling EMA.
+
+
+def _variant(what: str, enhanced_ratio: float | None = None, frozen: bool = False, *,
+             method: str = "twinflow", lr: float = 2e-4, **fields):
+    """One VARIANTS entry: `frozen` takes the guidance from the frozen base (ema_decay_rate 1)
+    instead of the EMA teacher; `enhanced_ratio` None keeps the recipe's own."""
+    loss = {} if enhanced_ratio is None else {"enhanced_ratio": enhanced_ratio}
+    if frozen:
+        loss["ema_decay_rate"] = 1.0
+    return what, dict(method=method, lr=lr, **fields, loss_overrides=loss)
+
+
 VARIANTS = {
-    "er0": ("TwinFlow, no guidance in the target (enhanced_ratio 0)",
-            dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 0.0})),
-    "er05": ("TwinFlow recipe as is (enhanced_ratio 0.5, EMA teacher 0.99)",
-             dict(method="twinflow", lr=2e-4, loss_overrides={})),
-    "er05_frozen": ("enhanced_ratio 0.5, guidance from the frozen base (ema_decay_rate 1)",
-                    dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
-    "er025_frozen": ("enhanced_ratio 0.25, guidance from the frozen base (ema_decay_rate 1)",
-                     dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 0.25, "ema_decay_rate": 1.0})),
-    "er025_frozen_seed1": ("as er025_frozen, seed 1",
-                           dict(method="twinflow", lr=2e-4, seed=1,
-                                loss_overrides={"enhanced_ratio": 0.25, "ema_decay_rate": 1.0})),
-    "er1_frozen": ("enhanced_ratio 1, guidance from the frozen base (ema_decay_rate 1)",
-                   dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 1.0, "ema_decay_rate": 1.0})),
-    "er05_frozen_lr5e-4": ("as er05_frozen, lr 5e-4",
-                           dict(method="twinflow", lr=5e-4, loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
-    "er05_frozen_seed1": ("as er05_frozen, seed 1",
-                          dict(method="twinflow", lr=2e-4, seed=1,
-                               loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
-    "rcgm_er05_frozen": ("RCGM (no self-adversarial term), otherwise as er05_frozen",
-                         dict(method="rcgm", lr=2e-4, loss_overrides={"enhanced_ratio": 0.5, "ema_decay_rate": 1.0})),
+    "er0": _variant("TwinFlow, no guidance in the target (enhanced_ratio 0)", 0.0),
+    "er05": _variant("TwinFlow recipe as is (enhanced_ratio 0.5, EMA teacher 0.99)"),
+    "er05_frozen": _variant("enhanced_ratio 0.5, guidance from the frozen base (ema_decay_rate 1)", 0.5, True),
+    "er025_frozen": _variant("enhanced_ratio 0.25, guidance from the frozen base (ema_decay_rate 1)", 0.25, True),
+    "er025_frozen_seed1": _variant("as er025_frozen, seed 1", 0.25, True, seed=1),
+    "er1_frozen": _variant("enhanced_ratio 1, guidance from the frozen base (ema_decay_rate 1)", 1.0, True),
+    "er05_frozen_lr5e-4": _variant("as er05_frozen, lr 5e-4", 0.5, True, lr=5e-4),
+    "er05_frozen_seed1": _variant("as er05_frozen, seed 1", 0.5, True, seed=1),
+    "rcgm_er05_frozen": _variant("RCGM (no self-adversarial term), otherwise as er05_frozen", 0.5, True,
+                                 method="rcgm"),
     # Two stages: the guided target for the first 200 steps (copied out of er05_frozen_seed1's
     # run at step 200), then no guidance.
-    "two_stage": ("er05_frozen (seed 1) for 200 steps, then enhanced_ratio 0 (EMA teacher 0.99)",
-                  dict(method="twinflow", lr=2e-4, loss_overrides={"enhanced_ratio": 0.0},
-                       init_from="runs/study/er05_frozen_seed1_at200")),
+    "two_stage": _variant("er05_frozen (seed 1) for 200 steps, then enhanced_ratio 0 (EMA teacher 0.99)", 0.0,
+                          init_from="runs/study/er05_frozen_seed1_at200"),
 }
 
 

@@ -40,10 +40,7 @@ import torch
 from ._backbone import Backbone, ones_mask
 from ._common import lora_label, scaled_times
 
-MODEL = "sana"
-MAIN = "time_embed"
 AUX = "time_embed_2"
-AUX_PREFIX = AUX + "."
 #: scheduler timesteps are t · NUM_TRAIN_TIMESTEPS (before the pipeline's timestep_scale)
 NUM_TRAIN_TIMESTEPS = 1000.0
 
@@ -71,10 +68,10 @@ def _lora_forward(transformer, orig, timestep, *args, **kwargs):
 
 
 class Sana(Backbone):
-    name, label = MODEL, "Sana"
+    name, label = "sana", "Sana"
     transformer_class_name, pipeline_class_name, vae_class_name = (
         "SanaTransformer2DModel", "SanaPipeline", "AutoencoderDC")
-    embed_name, aux_name, aux_init = MAIN, AUX, "normal"  # published initialisation
+    embed_name, aux_name, aux_init = "time_embed", AUX, "normal"  # published initialisation
     # SanaPipeline otherwise renders at the nearest trained aspect-ratio bin and resizes.
     exact_size = (("use_resolution_binning", False),)
     text_keys = ("prompt_embeds", "prompt_attention_mask")
@@ -105,4 +102,5 @@ class Sana(Backbone):
 
 
 BACKBONE = Sana()
+AUX_PREFIX = BACKBONE.aux_prefix
 patch, unpatch = BACKBONE.patch, BACKBONE.unpatch

@@ -32,10 +32,7 @@ import torch
 from ._backbone import Backbone
 from ._common import lora_label, scaled_times
 
-MODEL = "sd3"
-MAIN = "time_text_embed"
 AUX = "time_text_embed_2"
-AUX_PREFIX = AUX + "."
 #: the pipeline's timestep is t · TIME_SCALE
 TIME_SCALE = 1000.0
 
@@ -55,9 +52,9 @@ def _lora_forward(transformer, orig, timestep, pooled_projection):
 
 
 class SD3(Backbone):
-    name, label = MODEL, "SD3 / SD3.5"
+    name, label = "sd3", "SD3 / SD3.5"
     transformer_class_name, pipeline_class_name = "SD3Transformer2DModel", "StableDiffusion3Pipeline"
-    embed_name, aux_name, aux_init = MAIN, AUX, "normal"  # published initialisation
+    embed_name, aux_name, aux_init = "time_text_embed", AUX, "normal"  # published initialisation
     text_keys = ("prompt_embeds", "pooled_prompt_embeds")
     forwards = {"aux": _aux_forward, "lora": _lora_forward}
 
@@ -72,4 +69,5 @@ class SD3(Backbone):
 
 
 BACKBONE = SD3()
+AUX_PREFIX = BACKBONE.aux_prefix
 patch, unpatch = BACKBONE.patch, BACKBONE.unpatch

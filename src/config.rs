@@ -525,6 +525,7 @@ impl SamplerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::config_field;
 
     #[test]
     fn presets_are_valid_and_match_the_table() {
@@ -542,10 +543,7 @@ mod tests {
     }
 
     fn field_of(c: SamplerConfig) -> &'static str {
-        match c.validate() {
-            Err(Error::Config { field, .. }) => field,
-            other => panic!("expected a config error, got {other:?}"),
-        }
+        config_field(c.validate())
     }
 
     #[test]
@@ -587,10 +585,7 @@ mod tests {
     #[test]
     fn values_convert_or_name_the_setting() {
         let mut c = SamplerConfig::default();
-        let field = |r: Result<()>| match r {
-            Err(Error::Config { field, .. }) => field,
-            other => panic!("expected a config error, got {other:?}"),
-        };
+        let field = config_field::<()>;
         // Out of the type's domain is out of range, not a type error.
         assert_eq!(field(c.set("sampling_steps", &Value::Int(-1))), "sampling_steps");
         assert_eq!(field(c.set("sampling_steps", &Value::BigInt("1".repeat(30)))), "sampling_steps");

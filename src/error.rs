@@ -33,6 +33,15 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The field a [`Error::Config`] names; panics on any other outcome (tests of the settings).
+#[cfg(test)]
+pub(crate) fn config_field<T: std::fmt::Debug>(r: Result<T>) -> &'static str {
+    match r {
+        Err(Error::Config { field, .. }) => field,
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
 /// A device as torch writes it ("cpu", "cuda:0", "mps"), for messages.
 pub fn device_name(d: tch::Device) -> String {
     match d {

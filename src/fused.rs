@@ -57,6 +57,34 @@ fn for_chunks_finite<F: Fn(usize, usize) -> bool + Sync>(len: usize, body: F) ->
     ok.into_inner()
 }
 
+/// `out[j] = value(j)` for every j < len; returns whether every value is finite (always true
+/// unless `check`). The loop is monomorphised on `check` so the unchecked one has no test.
+///
+/// # Safety
+/// `out` is valid for `len` elements, and so is whatever `value` reads at each j.
+#[inline(always)]
+unsafe fn store_each<T: Real, V: Fn(usize) -> T + Sync>(len: usize, out: Out<T>, check: bool, value: V) -> bool {
+    #[inline(always)]
+    unsafe fn run<T: Real, V: Fn(usize) -> T + Sync, const CHECK: bool>(len: usize, out: Out<T>, value: V) -> bool {
+        for_chunks_finite(len, move |lo, hi| {
+            let mut ok = true;
+            for j in lo..hi {
+                let y = value(j);
+                if CHECK {
+                    ok &= y.finite();
+                }
+                out.set(j, y);
+            }
+            ok
+        })
+    }
+    if check {
+        run::<T, V, true>(len, out, value)
+    } else {
+        run::<T, V, false>(len, out, value)
+    }
+}
+
 #[derive(Clone, Copy)]
 pub struct In<T>(pub *const T);
 #[derive(Clone, Copy)]
@@ -97,49 +125,15 @@ pub unsafe fn axpy<T: Real>(
     xh: Option<(Out<T>, f64)>,
     check: bool,
 ) -> bool {
-    if check {
-        axpy_impl::<T, true>(len, x, f, alpha, out, xh)
-    } else {
-        axpy_impl::<T, false>(len, x, f, alpha, out, xh)
-    }
-}
-
-#[inline(always)]
-unsafe fn axpy_impl<T: Real, const CHECK: bool>(
-    len: usize,
-    x: In<T>,
-    f: In<T>,
-    alpha: f64,
-    out: Out<T>,
-    xh: Option<(Out<T>, f64)>,
-) -> bool {
     let a = T::from_f64(alpha);
     match xh {
-        None => for_chunks_finite(len, move |lo, hi| {
-            let mut ok = true;
-            for j in lo..hi {
-                let y = x.at(j) + f.at(j) * a;
-                if CHECK {
-                    ok &= y.finite();
-                }
-                out.set(j, y);
-            }
-            ok
-        }),
+        None => store_each(len, out, check, move |j| x.at(j) + f.at(j) * a),
         Some((xh, beta)) => {
             let b = T::from_f64(beta);
-            for_chunks_finite(len, move |lo, hi| {
-                let mut ok = true;
-                for j in lo..hi {
-                    let (xv, fv) = (x.at(j), f.at(j));
-                    xh.set(j, xv + fv * b);
-                    let y = xv + fv * a;
-                    if CHECK {
-                        ok &= y.finite();
-                    }
-                    out.set(j, y);
-                }
-                ok
+            store_each(len, out, check, move |j| {
+                let (xv, fv) = (x.at(j), f.at(j));
+                xh.set(j, xv + fv * b);
+                xv + fv * a
             })
         }
     }
@@ -183,26 +177,23 @@ pub struct MixIo<T> {
 /// As for [`axpy`].
 pub unsafe fn mix<T: Real>(len: usize, x: In<T>, f: In<T>, m: Mix, io: MixIo<T>, out: Out<T>, check: bool) -> bool {
     // Monomorphise on which buffers are present so the inner loop has no branches.
-    match (io.eps.is_some(), io.extrapolate.is_some(), check) {
-        (false, false, false) => mix_impl::<T, false, false, false>(len, x, f, m, io, out),
-        (true, false, false) => mix_impl::<T, true, false, false>(len, x, f, m, io, out),
-        (false, true, false) => mix_impl::<T, false, true, false>(len, x, f, m, io, out),
-        (true, true, false) => mix_impl::<T, true, true, false>(len, x, f, m, io, out),
-        (false, false, true) => mix_impl::<T, false, false, true>(len, x, f, m, io, out),
-        (true, false, true) => mix_impl::<T, true, false, true>(len, x, f, m, io, out),
-        (false, true, true) => mix_impl::<T, false, true, true>(len, x, f, m, io, out),
-        (true, true, true) => mix_impl::<T, true, true, true>(len, x, f, m, io, out),
+    match (io.eps.is_some(), io.extrapolate.is_some()) {
+        (false, false) => mix_impl::<T, false, false>(len, x, f, m, io, out, check),
+        (true, false) => mix_impl::<T, true, false>(len, x, f, m, io, out, check),
+        (false, true) => mix_impl::<T, false, true>(len, x, f, m, io, out, check),
+        (true, true) => mix_impl::<T, true, true>(len, x, f, m, io, out, check),
     }
 }
 
 #[inline(always)]
-unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool, const CHECK: bool>(
+unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool>(
     len: usize,
     x: In<T>,
     f: In<T>,
     m: Mix,
     io: MixIo<T>,
     out: Out<T>,
+    check: bool,
 ) -> bool {
     let c = T::from_f64;
     let (neg_t, one_minus_t) = (c(-m.t_cur), c(1.0 - m.t_cur));
@@ -214,32 +205,25 @@ unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool, const CHECK: bool>
         .map(|(r, xp, zp)| (c(r), xp, zp))
         .unwrap_or((c(0.0), In(std::ptr::null()), In(std::ptr::null())));
     let (xo, zo) = (io.xh_out, io.zh_out);
-    for_chunks_finite(len, move |lo, hi| {
-        let mut ok = true;
-        for j in lo..hi {
-            let (xv, fv) = (x.at(j), f.at(j));
-            let mut xh = xv + fv * neg_t;
-            let mut zh = xv + fv * one_minus_t;
-            if let Some(o) = xo {
-                o.set(j, xh);
-            }
-            if let Some(o) = zo {
-                o.set(j, zh);
-            }
-            if EXT {
-                xh = xh + (xh - xp.at(j)) * r;
-                zh = zh + (zh - zp.at(j)) * r;
-            }
-            let mut y = xh * wa + zh * wb;
-            if EPS {
-                y = y + eps.at(j) * wc;
-            }
-            if CHECK {
-                ok &= y.finite();
-            }
-            out.set(j, y);
+    store_each(len, out, check, move |j| {
+        let (xv, fv) = (x.at(j), f.at(j));
+        let mut xh = xv + fv * neg_t;
+        let mut zh = xv + fv * one_minus_t;
+        if let Some(o) = xo {
+            o.set(j, xh);
         }
-        ok
+        if let Some(o) = zo {
+            o.set(j, zh);
+        }
+        if EXT {
+            xh = xh + (xh - xp.at(j)) * r;
+            zh = zh + (zh - zp.at(j)) * r;
+        }
+        let mut y = xh * wa + zh * wb;
+        if EPS {
+            y = y + eps.at(j) * wc;
+        }
+        y
     })
 }
 
@@ -249,27 +233,8 @@ unsafe fn mix_impl<T: Real, const EPS: bool, const EXT: bool, const CHECK: bool>
 /// # Safety
 /// As for [`axpy`].
 pub unsafe fn heun<T: Real>(len: usize, x: In<T>, f_cur: In<T>, f_next: In<T>, h: f64, out: Out<T>, check: bool) -> bool {
-    if check {
-        heun_impl::<T, true>(len, x, f_cur, f_next, h, out)
-    } else {
-        heun_impl::<T, false>(len, x, f_cur, f_next, h, out)
-    }
-}
-
-#[inline(always)]
-unsafe fn heun_impl<T: Real, const CHECK: bool>(len: usize, x: In<T>, f_cur: In<T>, f_next: In<T>, h: f64, out: Out<T>) -> bool {
     let nh = T::from_f64(-h);
-    for_chunks_finite(len, move |lo, hi| {
-        let mut ok = true;
-        for j in lo..hi {
-            let y = x.at(j) + (f_cur.at(j) + f_next.at(j)) * nh;
-            if CHECK {
-                ok &= y.finite();
-            }
-            out.set(j, y);
-        }
-        ok
-    })
+    store_each(len, out, check, move |j| x.at(j) + (f_cur.at(j) + f_next.at(j)) * nh)
 }
 
 #[cfg(test)]

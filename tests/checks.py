@@ -1,4 +1,17 @@
-"""Shared test helper: an expected Python exception, never a Rust panic."""
+"""Shared test helpers: an expected Python exception, never a Rust panic; the sampler settings
+that shape the sampling path."""
+
+# The UnifiedSampler settings saved with a model (every one but the execution switches
+# use_fused_kernel and check_finite), in the order of the settings table.
+PATH_SETTINGS = (
+    "sampling_steps",
+    "stochast_ratio",
+    "extrapol_ratio",
+    "sampling_order",
+    "time_dist_ctrl",
+    "rfba_gap_steps",
+    "sampling_style",
+)
 
 
 def _is_panic(e: BaseException) -> bool:

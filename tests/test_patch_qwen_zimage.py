@@ -59,13 +59,42 @@ def _zimage():
     ).eval()
 
 
-class QwenCase:
+class _Case:
+    """A model family: the aux embedder at `aux_path` mirrors the main one at `main_path`; its
+    parameters (the published aux keys) are those of the linear `layers` below it."""
+
+    aux_path: str
+    main_path: str
+    layers: tuple[str, ...]
+
+    @property
+    def aux_keys(self):
+        return {f"{self.aux_path}.{layer}.{p}" for layer in self.layers for p in ("weight", "bias")}
+
+    @property
+    def last_layer(self):
+        return self.layers[-1]
+
+    @classmethod
+    def aux(cls, model):
+        return model.get_submodule(cls.aux_path)
+
+    @classmethod
+    def main(cls, model):
+        return model.get_submodule(cls.main_path)
+
+    @classmethod
+    def main_key(cls, aux_key):
+        """The main embedder's state-dict key that an aux key starts as a copy of."""
+        return cls.main_path + aux_key[len(cls.aux_path):]
+
+
+class QwenCase(_Case):
     name = "qwen-image"
     mod = qwen_image
     build = staticmethod(_qwen)
-    aux_keys = {f"time_text_embed_2.timestep_embedder.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
-    main_prefix = "time_text_embed.timestep_embedder."
-    last_layer = "timestep_embedder.linear_2"
+    aux_path, main_path = "time_text_embed_2", "time_text_embed"
+    layers = ("timestep_embedder.linear_1", "timestep_embedder.linear_2")
 
     def __init__(self):
         g = torch.Generator().manual_seed(1)
@@ -81,22 +110,13 @@ class QwenCase:
                          encoder_hidden_states_mask=self.mask, timestep=t,
                          img_shapes=[(1, 4, 4)] * B).sample
 
-    @staticmethod
-    def aux(model):
-        return model.time_text_embed_2
 
-    @staticmethod
-    def main(model):
-        return model.time_text_embed.timestep_embedder
-
-
-class ZCase:
+class ZCase(_Case):
     name = "z-image"
     mod = z_image
     build = staticmethod(_zimage)
-    aux_keys = {f"t_embedder_2.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
-    main_prefix = "t_embedder."
-    last_layer = "mlp.2"
+    aux_path, main_path = "t_embedder_2", "t_embedder"
+    layers = ("mlp.0", "mlp.2")
 
     def __init__(self):
         g = torch.Generator().manual_seed(1)
@@ -107,14 +127,6 @@ class ZCase:
         t_z = 1.0 - torch.as_tensor(t, dtype=torch.float32).expand(B)
         with torch.no_grad():
             return torch.stack(model(self.x, t_z, self.cap).sample)
-
-    @staticmethod
-    def aux(model):
-        return model.t_embedder_2
-
-    @staticmethod
-    def main(model):
-        return model.t_embedder
 
 
 CASES = [QwenCase, ZCase]
@@ -268,18 +280,12 @@ def test_state_dict_keys_and_init(case):
     assert set(s) <= set(p)
     for k in s:
         assert torch.equal(p[k], s[k]), k
-    prefix = case.mod.AUX_PREFIX
+    assert case.mod.AUX_PREFIX == case.aux_path + "."
     for k in case.aux_keys:
-        main_key = k[len(prefix):]
-        if case.name == "qwen-image":
-            main_key = "time_text_embed." + main_key
-        else:
-            main_key = "t_embedder." + main_key
-        assert torch.equal(p[k], s[main_key]), k
+        assert torch.equal(p[k], s[case.main_key(k)]), k
     # a copy, not shared storage
     aux_w = case.aux(patched).get_submodule(case.last_layer).weight
-    main_w = case.main(patched).get_submodule(case.last_layer.split(".")[-1] if case.name == "qwen-image"
-                                              else case.last_layer).weight
+    main_w = case.main(patched).get_submodule(case.last_layer).weight
     assert aux_w.data_ptr() != main_w.data_ptr()
 
 

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from checks import PATH_SETTINGS  # noqa: E402
 from ucgm_reference import (  # noqa: E402
     reference_n,
     reference_nfe,
@@ -49,15 +50,7 @@ EXTRAS = (0.0, 0.3)
 TDCS = ((1.0, 1.0, 1.0), (1.17, 0.8, 1.1), (0.7, 1.3, 0.9))
 GAPS = ((0.0, 0.0), (0.001, 0.0), (0.001, 0.5), (0.05, 0.2))
 
-SETTING_NAMES = (
-    "sampling_steps",
-    "stochast_ratio",
-    "extrapol_ratio",
-    "sampling_order",
-    "time_dist_ctrl",
-    "rfba_gap_steps",
-    "sampling_style",
-)
+SETTING_NAMES = PATH_SETTINGS
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -77,33 +77,29 @@ def _inside(spec):
     return st.floats(min_value=lo, max_value=hi, exclude_min=not spec["min_inclusive"], allow_nan=False)
 
 
+def _for_drawn_values(name, strategy, check):
+    """check(value) for values of the setting `name` whose elements hypothesis draws from
+    strategy(spec)."""
+    spec = SPEC[name]
+    FEW(given(strategy(spec))(lambda v: check(_element(spec, v))))()
+
+
 @pytest.mark.parametrize("name", [s["name"] for s in NUMERIC])
 def test_every_value_outside_the_declared_range_is_refused(name):
-    spec = SPEC[name]
-
-    @FEW
-    @given(_outside(spec))
-    def check(v):
-        value = _element(spec, v)
+    def refused(value):
         expect_error(ValueError, lambda: UnifiedSampler(**{name: value}), contains=name)
         expect_error(ValueError, lambda: SamplerSettings().replace(**{name: value}), contains=name)
 
-    check()
+    _for_drawn_values(name, _outside, refused)
 
 
 @pytest.mark.parametrize("name", [s["name"] for s in NUMERIC])
 def test_every_value_inside_the_declared_range_is_accepted(name):
-    spec = SPEC[name]
-
-    @FEW
-    @given(_inside(spec))
-    def check(v):
-        value = _element(spec, v)
-        s = UnifiedSampler(**{name: value})
-        got = getattr(s, name)
+    def accepted(value):
+        got = getattr(UnifiedSampler(**{name: value}), name)
         assert got == (tuple(float(x) for x in value) if isinstance(value, tuple) else value)
 
-    check()
+    _for_drawn_values(name, _inside, accepted)
 
 
 def test_rule_and_choices_are_enforced():

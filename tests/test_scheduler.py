@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from checks import PATH_SETTINGS, expect_error  # noqa: E402
 from ucgm_reference import reference_nfe, reference_timesteps, style_tt  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
@@ -44,21 +45,10 @@ from twinflow import TwinFlowScheduler, UnifiedSampler  # noqa: E402
 
 N_TRAIN = 1000
 STYLES = ("few", "mul", "any")
-OUR_KEYS = (
-    "num_train_timesteps",
-    "stochast_ratio",
-    "extrapol_ratio",
-    "sampling_order",
-    "time_dist_ctrl",
-    "rfba_gap_steps",
-    "sampling_style",
-    "time_grid",
-)
+# the scheduler takes the step count in set_timesteps, not in its config
+OUR_KEYS = ("num_train_timesteps", *(k for k in PATH_SETTINGS if k != "sampling_steps"), "time_grid")
 
 # ----------------------------------------------------------------------------- helpers
-
-
-from checks import expect_error  # noqa: E402
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -234,6 +234,7 @@ impl ObjectiveConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::config_field;
 
     #[test]
     fn recipes() {
@@ -249,10 +250,7 @@ mod tests {
 
     #[test]
     fn invalid_fields_are_named() {
-        let field = |c: ObjectiveConfig| match c.validate() {
-            Err(Error::Config { field, .. }) => field,
-            other => panic!("{other:?}"),
-        };
+        let field = |c: ObjectiveConfig| config_field(c.validate());
         let d = ObjectiveConfig::default;
         assert_eq!(field(ObjectiveConfig { consistc_ratio: f64::NAN, ..d() }), "consistc_ratio");
         assert_eq!(field(ObjectiveConfig { ema_decay_rate: 1.5, ..d() }), "ema_decay_rate");
