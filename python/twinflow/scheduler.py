@@ -196,9 +196,9 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         n = num_inference_steps
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SAMPLING_STEPS:
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= _MAX_STEPS:
             raise ValueError(f'time_grid="pipeline": without sigmas or timesteps, num_inference_steps must be an int '
-                             f"in [1, {MAX_SAMPLING_STEPS}], got {n!r}")
+                             f"in [1, {_MAX_STEPS}], got {n!r}")
         known = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
         stock = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in self.config.items() if k in known})
         if stock.config.use_dynamic_shifting and mu is None:
