@@ -45,6 +45,10 @@ _SETTING = {s["name"]: s for s in SAMPLER_SETTINGS}
 _DEFAULT = {name: s["default"] for name, s in _SETTING.items()}
 _MAX_STEPS = int(_SETTING["sampling_steps"]["max"])
 
+
+def _is_step_count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= _MAX_STEPS
+
 # Which TwinFlowScheduler a patched transformer last read tt from (diffusers_patch calls
 # ``_note_tt_read``), per thread: `step` refuses to advance when the model read another one's.
 _READS = threading.local()
@@ -167,7 +171,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
                 if given is None:
                     raise ValueError("num_inference_steps: required (or pass sigmas/timesteps)")
                 steps = len(given)
-            if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= _MAX_STEPS:
+            if not _is_step_count(steps):
                 raise ValueError(f"num_inference_steps: must be an int in [1, {_MAX_STEPS}], got {steps!r}")
             stepper = Stepper(self._sampler(steps))
         evals = stepper.evals
@@ -196,7 +200,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         n = num_inference_steps
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= _MAX_STEPS:
+        if not _is_step_count(n):
             raise ValueError(f'time_grid="pipeline": without sigmas or timesteps, num_inference_steps must be an int '
                              f"in [1, {_MAX_STEPS}], got {n!r}")
         known = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
