@@ -36,9 +36,29 @@ def test_pyproject_floor_is_the_checked_one():
     # 0.35.2 has no ZImagePipeline; 0.36.0 has, but its Qwen-Image transformer requires
     # txt_seq_lens; the backbone suites pass on 0.37.0 (docs/decisions.md, "Packaging").
     assert MIN_DIFFUSERS == "0.37.0"
-    for path in (REPO / "pyproject.toml", REPO / ".ci" / "install"):
+    for path, spec in ((REPO / "pyproject.toml", f'"diffusers>={MIN_DIFFUSERS}"'),
+                       (REPO / ".ci" / "requirements.txt", f"\ndiffusers>={MIN_DIFFUSERS}\n")):
         text = path.read_text()
-        assert f'"diffusers>={MIN_DIFFUSERS}"' in text and not re.search(r"diffusers>=0\.3[0-6]", text), path
+        assert spec in text and not re.search(r"diffusers>=0\.3[0-6]", text), path
+
+
+def _names(path):
+    lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
+    return {re.split(r"[<>=!~\[ ]", ln, 1)[0].lower().replace("_", "-"): ln for ln in lines if ln}
+
+
+def test_ci_installs_pinned_versions():
+    """.ci/install installs .ci/requirements.txt under .ci/constraints.txt (docs/decisions.md,
+    "Pinned CI"): every requirement is pinned to one version, and the pins satisfy the ranges."""
+    from packaging.requirements import Requirement
+
+    install = (REPO / ".ci" / "install").read_text()
+    assert "-r .ci/requirements.txt -c .ci/constraints.txt" in install
+    reqs, pins = _names(REPO / ".ci" / "requirements.txt"), _names(REPO / ".ci" / "constraints.txt")
+    assert all("==" in line for line in pins.values()), "constraints are exact pins"
+    for name, line in reqs.items():
+        assert name in pins, f"{name} is installed by .ci/install but not pinned in .ci/constraints.txt"
+        assert pins[name].split("==")[1] in Requirement(line).specifier, (line, pins[name])
 
 
 def test_z_image_with_an_older_diffusers_names_the_version(monkeypatch):

@@ -67,6 +67,7 @@ def wrapper_transformer_folder(model, dst: pathlib.Path) -> pathlib.Path:
 
 # ----------------------------------------------------------------------------- published layouts
 
+@pytest.mark.exact
 @pytest.mark.parametrize("model", tiny_pipelines.MODELS)
 def test_wrapper_transformer_alone_with_a_base_pipeline(model, tmp_path, caplog):
     want = generate(quiet_load(tiny_pipelines.saved_pipeline(model, "aux"), model), model)
@@ -79,6 +80,7 @@ def test_wrapper_transformer_alone_with_a_base_pipeline(model, tmp_path, caplog)
     assert torch.equal(generate(pipe, model), want)
 
 
+@pytest.mark.exact
 def test_wrapper_name_inside_a_pipeline_folder(tmp_path, caplog):
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny_pipelines.saved_pipeline("z-image", "aux"), folder, ignore=shutil.ignore_patterns("transformer"))
@@ -90,6 +92,7 @@ def test_wrapper_name_inside_a_pipeline_folder(tmp_path, caplog):
                                                                       "z-image"), "z-image"))
 
 
+@pytest.mark.exact
 def test_transformer_module_and_pipeline_folder_as_transformer_source():
     aux = tiny_pipelines.saved_pipeline("sd3", "aux")
     want = generate(quiet_load(aux, "sd3"), "sd3")
@@ -161,6 +164,7 @@ def hub(tmp_path, monkeypatch):
     return cache
 
 
+@pytest.mark.exact
 def test_hub_repo_ids_from_the_cache(hub):
     want = generate(quiet_load(tiny_pipelines.saved_pipeline("sd3", "aux"), "sd3"), "sd3")
     pipe = quiet_load("twinflow-test/tiny-sd3", "sd3")

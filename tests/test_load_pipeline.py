@@ -139,6 +139,7 @@ def test_order_2_runs_the_transformer_2n_minus_1_times(model):
 
 # ----------------------------------------------------------------------------- reproducibility
 
+@pytest.mark.exact
 @pytest.mark.parametrize("model", ALL)
 def test_same_seed_same_image_also_with_stochastic_steps(model):
     pipe = load(model)
@@ -150,6 +151,7 @@ def test_same_seed_same_image_also_with_stochastic_steps(model):
 
 # ----------------------------------------------------------------------------- aux weights
 
+@pytest.mark.exact
 @pytest.mark.parametrize("model", ALL)
 def test_aux_weights_from_single_and_sharded_safetensors(model):
     single, sharded = tiny_pipelines.saved_pipeline(model, "aux"), tiny_pipelines.saved_pipeline(model, "sharded")
@@ -188,6 +190,7 @@ def test_missing_aux_weights_warn_and_start_as_published(model):
     assert not torch.allclose(generate(fresh, model, 2), generate(load(model, "aux"), model, 2), atol=1e-4)
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("model", ALL)
 def test_aux_keys_round_trip_through_save_pretrained(model, tmp_path):
     pipe = load(model)
@@ -220,6 +223,7 @@ def test_lora_mode_has_no_aux_embedder(model):
 
 # ----------------------------------------------------------------------------- tt invariant
 
+@pytest.mark.exact
 @pytest.mark.parametrize("model", ALL)
 def test_tt_equal_t_reproduces_the_stock_euler_pipeline(model):
     """Style "mul" (tt = t) on the pipeline's sigmas with s = 0: the loaded pipeline, aux

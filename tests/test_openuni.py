@@ -44,6 +44,7 @@ def _latents(pipe, prompt="a red square", steps=2, seed=0, **kw):
 
 # ----------------------------------------------------------------------------- pipeline
 
+@pytest.mark.exact
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_pipeline_is_the_sana_loop_on_openuni_embeddings(guidance):
     from diffusers import SanaPipeline
@@ -64,6 +65,7 @@ def test_pipeline_is_the_sana_loop_on_openuni_embeddings(guidance):
         assert not torch.equal(ours, _latents(pipe, guidance_scale=guidance))
 
 
+@pytest.mark.exact
 def test_pipeline_round_trip_and_arguments(tmp_path):
     pipe = build_openuni()
     pipe.save_pretrained(tmp_path / "p")
@@ -114,6 +116,7 @@ def test_text_encoding_ignores_padding_and_connector_is_the_published_layout():
 
 # ----------------------------------------------------------------------------- loading
 
+@pytest.mark.exact
 def test_published_pth_loads_the_same_model_as_the_folder():
     root = saved_openuni("pth")
     from_pth = twinflow.load_pipeline(root / "openuni.pth", model="openuni", **pth_components(root))

@@ -73,6 +73,7 @@ def seen_tt(pipe):
 
 # ----------------------------------------------------------------------------- scheduler swap
 
+@pytest.mark.exact
 @pytest.mark.parametrize("model", TWO)
 def test_swapped_scheduler_equals_a_wired_run(model):
     folder = tiny_pipelines.saved_pipeline(model, "aux")

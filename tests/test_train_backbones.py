@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from tiny_pipelines import TEST_SIZE, build  # noqa: E402
+from tiny_pipelines import TEST_SIZE, build, tiny_threads  # noqa: E402
 
 from twinflow import diffusers_patch  # noqa: E402
 from twinflow import TwinFlowLoss, TwinFlowScheduler, UnifiedSampler  # noqa: E402
@@ -29,7 +29,7 @@ from twinflow.training.models import FAMILIES, TwinFlowModel  # noqa: E402
 def _one_thread():
     """Tiny models on a busy 2-core machine: OpenMP oversubscription costs more than it gives."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(tiny_threads())
     yield
     torch.set_num_threads(n)
 

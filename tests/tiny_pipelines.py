@@ -14,7 +14,8 @@ folder once per test session and returns the folder:
   ``diffusion_pytorch_model.safetensors.index.json``.
 
 ``TEST_SIZE`` is an image size every tiny pipeline accepts. ``one_thread`` is a module-scoped
-autouse fixture (import it into a test module): one torch thread while the module runs.
+autouse fixture (import it into a test module): ``tiny_threads()`` torch threads (1 unless
+``$TWINFLOW_TEST_THREADS`` says otherwise) while the module runs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import atexit
 import copy
 import json
+import os
 import pathlib
 import shutil
 import tempfile
@@ -37,11 +39,20 @@ _ROOT = None
 _CACHE: Dict[Tuple[str, str], pathlib.Path] = {}
 
 
+THREADS_ENV = "TWINFLOW_TEST_THREADS"
+
+
+def tiny_threads() -> int:
+    """Torch threads for tiny-model tests: 1 (thread start-up dominates tiny models, 25× slower on
+    the shared 2-core machine), or ``$TWINFLOW_TEST_THREADS``: tests/test_thread_counts.py reruns
+    the ``exact`` tests under 1 and 2 so a thread count cannot hide a layout dependence."""
+    return int(os.environ.get(THREADS_ENV, "1"))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # Tiny models: thread start-up dominates (25× slower on the shared 2-core machine).
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(tiny_threads())
     yield
     torch.set_num_threads(n)
 

@@ -117,6 +117,16 @@ class OpenUniPipeline(DiffusionPipeline):
                                  if getattr(self, "vae", None) is not None else 32)
         self.image_processor = PixArtImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "OpenUniPipeline":
+        """diffusers' ``from_pretrained``, then every loaded tensor in torch-allocated memory: the
+        folder's file layout must not change the images (``twinflow._alignment``)."""
+        from .pipelines import align_pipeline
+
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        align_pipeline(pipe)
+        return pipe
+
     # ------------------------------------------------------------------ text
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ import torch
 from . import diffusers_patch
 
 from . import _files, _pipeline_checks
+from ._alignment import align_module
 from .scheduler import TwinFlowPresetScheduler, TwinFlowScheduler
 
 __all__ = ["MODELS", "ModelSpec", "load_pipeline", "check_pipeline_folder", "check_transformer_folder",
@@ -538,9 +539,18 @@ def _finish(bb, pipe, mode: str, aux: Optional[Dict[str, torch.Tensor]], source:
         lora_export.load_into(pipe, lora_file)
     diffusers_patch.set_target_time(pipe.transformer, pipe)
     saved_format.mark_pipeline(pipe, bb.name, mode)
+    align_pipeline(pipe)
     if dev is not None:
         pipe.to(dev)
     return pipe
+
+
+def align_pipeline(pipe) -> None:
+    """Every module of `pipe` in torch-allocated (64-byte aligned, contiguous) memory, so that
+    the same weights give the same bits whatever file layout they came from (``_alignment``)."""
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            align_module(comp)
 
 
 def _load_from_parts(bb, path, dtype, dev, mode, scheduler, transformer, parts, recorded):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import diffusers_patch
+from .._alignment import align_module
 
 
 #: Training glue per backbone: a view of the registry (``diffusers_patch.backbone(name)``
@@ -57,6 +58,7 @@ def load_transformer(cfg, family: Family, *, lora: bool, frozen_dtype: torch.dty
 
     dtype = frozen_dtype if lora else torch.float32
     transformer = family.transformer_class().from_pretrained(root / "transformer", **dtype_kwargs(dtype))
+    align_module(transformer)  # the file layout must not change a step's bits (twinflow._alignment)
     family.patch(transformer, mode="lora" if lora else "aux")
     # every transformer/ this run saves records what it is
     transformer.register_to_config(**{KEY: make_record(family.name, "lora" if lora else "aux")})
@@ -75,6 +77,7 @@ def load_vae(cfg, family: Family, device, dtype: torch.dtype) -> Optional[nn.Mod
     from twinflow.pipelines import dtype_kwargs
 
     vae = family.vae_class().from_pretrained(root, **dtype_kwargs(dtype))
+    align_module(vae)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -82,10 +85,11 @@ class TextEncoder:
     """The pipeline's own ``encode_prompt`` (its text encoders and tokenizers), frozen."""
 
     def __init__(self, cfg, family: Family, device, dtype: torch.dtype):
-        from twinflow.pipelines import dtype_kwargs
+        from twinflow.pipelines import align_pipeline, dtype_kwargs
 
         root = cfg.model.pretrained_model_name_or_path
         self.pipe = family.pipeline_class().from_pretrained(root, transformer=None, vae=None, **dtype_kwargs(dtype))
+        align_pipeline(self.pipe)
         for name, comp in self.pipe.components.items():
             if isinstance(comp, nn.Module):
                 comp.to(device).eval().requires_grad_(False)

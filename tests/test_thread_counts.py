@@ -1,0 +1,39 @@
+"""The ``exact`` tests under ``OMP_NUM_THREADS=1`` and ``2``.
+
+Bit-for-bit promises (a sharded folder gives the single file's image, a saved pipeline reloads
+to the same image, two processes give one process's weights) must not hold only because one
+thread happens to take one reduction order: a layout dependence that one thread hides shows
+under two. Each thread count runs the whole ``exact`` set in a fresh interpreter, so the
+OpenMP pool and torch's intra-op threads start with that count (``OMP_NUM_THREADS``), the
+tiny-model fixtures use it (``TWINFLOW_TEST_THREADS``) and the torchrun workers get it.
+
+``.ci/run`` leaves the ``exact`` tests out of its main pytest run (``-m "not exact"``): they run
+here, twice, instead of three times.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tiny_pipelines import THREADS_ENV  # noqa: E402
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_exact_tests_hold_at_each_thread_count(threads, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **{THREADS_ENV: str(threads)})
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "exact",
+           "--basetemp", str(tmp_path / "t"), str(TESTS)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=TESTS.parent, timeout=1200)
+    tail = r.stdout[-6000:] + r.stderr[-2000:]
+    assert r.returncode == 0, f"`exact` tests failed at {threads} thread(s):\n{tail}"
+    summary = r.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, tail
