@@ -59,17 +59,26 @@ VARIANTS = {
     # run at step 200), then no guidance.
     "two_stage": _variant("er05_frozen (seed 1) for 200 steps, then enhanced_ratio 0 (EMA teacher 0.99)", 0.0,
                           init_from="runs/study/er05_frozen_seed1_at200"),
+    # Long unguided runs (issue 19), 2 threads, one training at a time: the constant lr that the
+    # short study used, and a cosine decay to 0 over the run's 4000 steps.
+    "er0_cos4k": _variant("enhanced_ratio 0, lr 2e-4 cosine-decayed to 0 over 4000 steps", 0.0,
+                          lr_schedule="cosine", lr_decay_steps=4000),
+    "er0_const4k": _variant("enhanced_ratio 0, constant lr 2e-4 (er0 run long)", 0.0),
+    # For a GPU (bench/gpu_mnist_study.sh): the cosine over 10000 steps.
+    "er0_cos10k": _variant("enhanced_ratio 0, lr 2e-4 cosine-decayed to 0 over 10000 steps", 0.0,
+                           lr_schedule="cosine", lr_decay_steps=10000),
 }
 
 
-def _rows(name):
-    path = STUDY / f"{name}.jsonl"
+def _rows(name, study: Path = STUDY):
+    path = study / f"{name}.jsonl"
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run(name: str, at, samples: int, final_samples: int, threads: int, runs: Path) -> None:
+def run(name: str, at, samples: int, final_samples: int, threads: int, runs: Path, device: str = "cpu",
+        study: Path = STUDY) -> None:
     import torch
 
     from twinflow.tutorials.mnist.evaluate import evaluate
@@ -78,22 +87,22 @@ def run(name: str, at, samples: int, final_samples: int, threads: int, runs: Pat
     torch.set_num_threads(threads)
     _, fields = VARIANTS[name]
     out = runs / name
-    STUDY.mkdir(parents=True, exist_ok=True)
-    done = {(r["step"], r["num_samples"]) for r in _rows(name)}
+    study.mkdir(parents=True, exist_ok=True)
+    done = {(r["step"], r["num_samples"]) for r in _rows(name, study)}
     plan = [(k, samples) for k in at] + [(at[-1], final_samples)]
     for step, n in plan:
         if (step, n) in done:
             continue
         settings = TrainSettings(**{"init_from": "flow_matching", **fields}, epochs=100, max_steps=step,
                                  checkpoint_every=100000)
-        cfg = train(settings, out, progress=False)
+        cfg = train(settings, out, progress=False, device=device)
         t0 = time.perf_counter()
-        rows = evaluate(out, steps=[1, 2], num_samples=n, progress=False)
+        rows = evaluate(out, steps=[1, 2], num_samples=n, progress=False, device=device)
         step = cfg["progress"]["step"]  # the checkpoint's own step (a stopped run may be past the plan)
         for r in rows:
             record = {"variant": name, "step": step, "total_steps": cfg["total"]["steps"],
-                      "train_s": round(cfg["progress"]["elapsed_s"], 1), **r}
-            with open(STUDY / f"{name}.jsonl", "a") as f:
+                      "train_s": round(cfg["progress"]["elapsed_s"], 1), "device": device, "threads": threads, **r}
+            with open(study / f"{name}.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)
         print(f"{name} step {step}: evaluated {n} samples in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -226,6 +235,8 @@ def main(argv=None) -> int:
     r.add_argument("--final-samples", type=int, default=10000)
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--study-dir", type=Path, default=STUDY, help="where the JSONL rows go")
     ps = sub.add_parser("presets", help="compare sampler settings on a variant's final checkpoint")
     ps.add_argument("variant", choices=sorted(VARIANTS))
     ps.add_argument("--samples", type=int, default=10000)
@@ -239,7 +250,8 @@ def main(argv=None) -> int:
     sub.add_parser("table")
     args = p.parse_args(argv)
     if args.cmd == "run":
-        run(args.variant, sorted(args.at), args.samples, args.final_samples, args.threads, args.runs)
+        run(args.variant, sorted(args.at), args.samples, args.final_samples, args.threads, args.runs, args.device,
+            args.study_dir)
     elif args.cmd == "presets":
         presets(args.variant, args.samples, args.threads, args.runs)
     elif args.cmd == "guidance":

@@ -103,6 +103,24 @@ def test_errors_are_one_line(tmp_path, capsys):
         assert err and err[-1].startswith("twinflow generate: error: ") and needle in err[-1], err
 
 
+def test_model_comes_from_the_folder_when_it_records_it(tmp_path, capsys):
+    """A pipeline saved by twinflow records its backbone: --model may be left out (as for
+    load_pipeline); a stock folder without --model is a one-line error naming the choices."""
+    pipe = twinflow.load_pipeline(tiny_pipelines.saved_pipeline("sd3", "aux"), "sd3")
+    pipe.save_pretrained(tmp_path / "saved")
+    common = ["--height", str(SIZE), "--width", str(SIZE), "--device", "cpu", "--prompt", "a cat", "--steps", "1"]
+    assert main(["generate", "--model-path", str(tmp_path / "saved"), "--output-dir", str(tmp_path / "a"),
+                 *common]) == 0
+    assert json.loads((tmp_path / "a" / "000-00.json").read_text())["model"] == "sd3"
+    assert main(argv("sd3", tmp_path / "b", "--prompt", "a cat", "--steps", "1")) == 0
+    assert np.array_equal(pixels(tmp_path / "a" / "000-00.png"), pixels(tmp_path / "b" / "000-00.png"))
+    capsys.readouterr()
+    assert main(["generate", "--model-path", str(tiny_pipelines.saved_pipeline("sd3", "stock")),
+                 "--output-dir", str(tmp_path / "c"), *common]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("twinflow generate: error: model: required (one of "), err
+
+
 def _run(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "twinflow", *args], capture_output=True, text=True, env=env,

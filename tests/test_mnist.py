@@ -166,8 +166,50 @@ def test_init_from_refuses_another_network(real, tmp_path):
         train(_settings(init_from=str(tmp_path / "c")), tmp_path / "c", **kw)
 
 
+def test_cosine_lr_schedule_steps_the_optimizer_and_resumes_exactly(real, tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("twinflow.tutorials.mnist.train")
+    lr_at = train_module.lr_at
+
+    s = _settings(lr=1e-3, lr_schedule="cosine", lr_decay_steps=4)
+    assert [lr_at(s, k) for k in range(6)] == pytest.approx([1e-3, 8.535534e-4, 5e-4, 1.464466e-4, 0.0, 0.0])
+    assert lr_at(_settings(lr=1e-3), 10 ** 6) == 1e-3
+    images, labels = real
+    kw = dict(images=images[:256], labels=labels[:256], progress=False)
+    seen = []
+    monkeypatch.setattr(train_module, "lr_at", lambda st, k: seen.append(lr_at(st, k)) or seen[-1])
+    train(_settings(max_steps=5, lr=1e-3, lr_schedule="cosine", lr_decay_steps=4), tmp_path / "straight", **kw)
+    monkeypatch.undo()
+    assert seen == pytest.approx([lr_at(s, k) for k in range(5)]), "each step uses its own step's lr"
+    after = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    cos = lambda n: _settings(max_steps=n, lr=1e-3, lr_schedule="cosine", lr_decay_steps=4)  # noqa: E731
+    train(cos(2), tmp_path / "resumed", **kw)
+    train(cos(5), tmp_path / "resumed", **kw)  # max_steps grows; the schedule's length does not
+    again = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(after[k], again[k]) for k in after)
+    with pytest.raises(ValueError, match=r"other settings \(lr_decay_steps\)"):
+        train(_settings(max_steps=6, lr=1e-3, lr_schedule="cosine", lr_decay_steps=8), tmp_path / "resumed", **kw)
+
+
+def test_a_checkpoint_from_before_a_new_setting_resumes(real, tmp_path):
+    """config.json written before lr_schedule existed: the missing keys read as their defaults."""
+    images, labels = real
+    kw = dict(images=images[:64], labels=labels[:64], progress=False)
+    train(_settings(max_steps=1), tmp_path, **kw)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for k in ("lr_schedule", "lr_decay_steps"):
+        del cfg["settings"][k]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert train(_settings(max_steps=2), tmp_path, **kw)["resumed"]
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(method="ddpm"), "method must be one of"),
+    (dict(lr_schedule="linear"), "lr_schedule must be one of constant, cosine"),
+    (dict(lr_schedule="cosine"), "lr_decay_steps goes with lr_schedule 'cosine'"),
+    (dict(lr_decay_steps=10), "lr_decay_steps goes with lr_schedule 'cosine'"),
+    (dict(lr_schedule="cosine", lr_decay_steps=0), "lr_decay_steps must be >= 1"),
     (dict(batch_size=0), "batch_size must be >= 1"),
     (dict(lr=float("nan")), "lr must be a positive number"),
     (dict(label_dropout=1.0), "label_dropout must be in"),
@@ -248,6 +290,19 @@ def test_shipped_twinflow_draws_digits_in_one_step():
 
 
 # ----------------------------------------------------------------------------- command line
+
+def test_every_mnist_option_has_help():
+    import argparse
+
+    from twinflow.tutorials.mnist.cli import _add_arguments
+
+    root = argparse.ArgumentParser()
+    _add_arguments(root)
+    subs = next(a for a in root._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(a.option_strings)}" for name, p in subs.choices.items() for a in p._actions
+               if a.option_strings and a.dest != "help" and not a.help]
+    assert not missing, f"options without help text: {missing}"
+
 
 def _cli(*args, **kw):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")

@@ -175,7 +175,18 @@ def test_wrong_shape_and_nan_weights(tmp_path, capsys):
     save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in w.items()},
               str(ckpt / "model.safetensors"))
     rc, err = _sample(ckpt, tmp_path, capsys)
-    assert rc == 1 and "NaN" in err
+    assert rc == 1 and "weight tensors hold NaN or Inf values" in err, "said at load time, not as a NaN output"
     assert not list((tmp_path / "samples").glob("*.png"))
     save_file(w, str(ckpt / "model.safetensors"))
     assert _sample(ckpt, tmp_path, capsys)[0] == 0  # the intact checkpoint samples
+
+
+def test_a_file_or_a_misspelled_name_as_checkpoint(tmp_path, capsys):
+    ckpt = _shipped(tmp_path)
+    rc, err = _sample(ckpt / "model.safetensors", tmp_path, capsys)
+    assert rc == 1 and "is a file" in err and f"give its folder, {ckpt}" in err, err
+    (tmp_path / "notes.txt").write_text("x")
+    rc, err = _sample(tmp_path / "notes.txt", tmp_path, capsys)
+    assert rc == 1 and "is a file: a checkpoint is a directory" in err, err
+    rc, err = _sample("twinflw", tmp_path, capsys)
+    assert rc == 1 and "does not exist; the shipped checkpoints are twinflow, twinflow_scratch" in err, err

@@ -62,7 +62,11 @@ def test_parquet_rows_and_precomputed(tmp_path):
     assert set(ds[3]) == {"latents", "text_embeds"} and ds[3]["latents"][0, 0, 0] == 3.0
     expect_error(ValueError, lambda: open_dataset(_parquet(tmp_path / "b.parquet", [{"caption": "x", "image_bytes": b""}]),
                                                   cfg), contains=("caption column 'text'", "data.caption_column"))
-    expect_error(ValueError, lambda: open_dataset(tmp_path / "none.txt", cfg), contains="--dataset-path")
+    expect_error(ValueError, lambda: open_dataset(tmp_path / "none.txt", cfg),
+                 contains=("--dataset-path", "none.txt does not exist"))
+    (tmp_path / "data.json").write_text("{}")
+    expect_error(ValueError, lambda: open_dataset(tmp_path / "data.json", cfg),
+                 contains=("--dataset-path: expected a .parquet file", "data.json"))
 
 
 def test_folder_dataset(tmp_path):

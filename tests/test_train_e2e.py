@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -252,6 +253,7 @@ def test_fsdp_resume_from_a_gathered_checkpoint(env, two_processes):
     r = _torchrun(env["cfg"], env["data"], resumed, "training.strategy=fsdp", *COMPARE,
                   resume=str(first / "checkpoints" / "step-000001"))
     assert "resumed from" in r.stderr and "at step 1" in r.stderr
+    assert f"the pipeline is in {resumed / 'pipeline'} (load it with twinflow.load_pipeline)" in r.stderr
     for sub in ("transformer", "transformer_ema"):
         _assert_same(_weights(first / "checkpoints" / "step-000002", sub),
                      _weights(resumed / "checkpoints" / "step-000002", sub))
@@ -357,7 +359,11 @@ def test_sigkill_and_resume_equals_uninterrupted(env):
     fake = killed / "checkpoints" / "step-000003"
     fake.mkdir(exist_ok=True)
     (fake / "trainer_state.pt").write_bytes(b"garbage")
-    assert _train(env["cfg"], env["data"], killed, *steps, resume="auto") == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _train(env["cfg"], env["data"], killed, *steps, resume="auto") == 0
+    stale = [str(w.message) for w in caught if "no aux target-time weights" in str(w.message)]
+    assert not stale, "a resumed run loads trained aux weights: no 'initialised them' warning"
     final = killed / "checkpoints" / "step-000004"
     for sub in ("transformer", "transformer_ema"):
         _assert_same(_weights(ref / "checkpoints" / "step-000004", sub), _weights(final, sub))  # bit for bit

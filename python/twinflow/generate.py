@@ -26,7 +26,8 @@ from .cli import positive_int, register_command
 
 
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, choices=tuple(_BACKBONES), help="backbone of the checkpoint")
+    p.add_argument("--model", default=None, choices=tuple(_BACKBONES),
+                   help="backbone of the checkpoint; default: what the folder records (pipelines saved by twinflow)")
     p.add_argument("--model-path", required=True,
                    help="diffusers pipeline folder (model_index.json, transformer/, ...) or Hugging Face Hub repo "
                         "id org/name (from the Hub cache; HF_HUB_OFFLINE=1 reads the cache only)")
@@ -124,9 +125,10 @@ def _generate(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--output-dir: cannot create {out_dir} ({e.strerror or e})") from e
-    extra = _extra_call_args(args.model, args)
+    model = pipe.config["_twinflow"]["backbone"]  # --model, or what the folder records
+    extra = _extra_call_args(model, args)
     settings = {
-        "command": "generate", "model": args.model,
+        "command": "generate", "model": model,
         "model_path": _describe(args.model_path), "subfolder": args.subfolder, "revision": args.revision,
         "transformer": None if args.transformer is None else _describe(args.transformer),
         "mode": pipe.config["_twinflow"]["mode"], "steps": args.steps,

@@ -151,7 +151,7 @@ def _snapshot(repo_id: str, revision: Optional[str], subfolder: Optional[str]) -
         why = "HF_HUB_OFFLINE is set" if offline else "the download failed"
         raise FileNotFoundError(f"{repo_id}: no such local folder, and not in the Hugging Face cache {cache} "
                                 f"(revision {revision or 'main'}) while {why}: download it first "
-                                f"(huggingface-cli download {repo_id})") from e
+                                f"(hf download {repo_id})") from e
     except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as e:
         raise ValueError(f"{repo_id}: {type(e).__name__}: {e}") from e
     return pathlib.Path(folder)

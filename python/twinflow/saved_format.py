@@ -52,7 +52,7 @@ class TwinFlowTransformer(ModelMixin, ConfigMixin):
         where = pathlib.Path(str(pretrained_model_name_or_path or "."))
         raise ValueError(f"{where}: a TwinFlow transformer (saved by twinflow): plain diffusers would load it "
                          "without its target-time conditioning, a different model. Load the pipeline with "
-                         "twinflow.load_pipeline(path) (pip install twinflow)")
+                         "twinflow.load_pipeline(path) (install twinflow as its README says: it is not on PyPI)")
 
 
 def __getattr__(name: str):

