@@ -44,3 +44,22 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     printed = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     for stated, shown in STATED.get(name, []):
         assert stated in text and shown in printed, (stated, shown)
+
+
+def test_the_headless_command_notebooks_readme_names_is_installed():
+    """notebooks/README.md tells a reader without JupyterLab to run `jupyter execute` from the
+    venv .ci/install makes: that command must exist there (nbclient brings it)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    readme = (NOTEBOOK_DIR / "README.md").read_text()
+    commands = re.findall(r"jupyter (\w+) notebooks/(\S+\.ipynb)", readme)
+    assert commands, "notebooks/README.md names no `jupyter <command> notebooks/<file>`"
+    jupyter = pathlib.Path(sys.executable).parent / "jupyter"
+    for sub, notebook in commands:
+        assert (NOTEBOOK_DIR / notebook).is_file(), notebook
+        r = subprocess.run([str(jupyter), sub, "--help"], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1"))
+        assert r.returncode == 0, f"`jupyter {sub}` is not available in this venv:\n{r.stderr[-1500:]}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import sys
 import types
@@ -196,9 +197,17 @@ def test_lora_export_loads_with_diffusers_and_twinflow(model, tmp_path):
     keys = load_file(str(tmp_path / "lora" / lora_export.WEIGHT_NAME)).keys()
     assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys), "diffusers' layout"
     # twinflow: model and mode from the LoRA's record
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pipe = load_pipeline(base, lora=tmp_path / "lora")
+    logged = []
+    catch = logging.Handler(logging.DEBUG)
+    catch.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(catch)  # diffusers' loggers do not propagate to the root
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pipe = load_pipeline(base, lora=tmp_path / "lora")
+    finally:
+        logging.getLogger("diffusers").removeHandler(catch)
+    assert not [m for m in logged if "No LoRA keys" in m], "diffusers' text-encoder notices are not shown"
     pipe.set_progress_bar_config(disable=True)
     assert torch.equal(latents(pipe, model), want)
     # diffusers' own loader onto the LoRA-mode base: the weights do change the output, to the trained one

@@ -17,8 +17,10 @@ model, which ``load_pipeline`` refuses.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import logging
 import os
 import pathlib
 from typing import Optional, Tuple, Union
@@ -90,6 +92,31 @@ def read(lora: Union[str, os.PathLike]) -> Tuple[pathlib.Path, Optional[dict]]:
     return p, record
 
 
+# diffusers' loaders log "No LoRA keys associated to <text encoder> found with the
+# prefix='text_encoder...'" once per text encoder when a LoRA, as ours, holds transformer keys
+# only: harmless here (load_into counts that every transformer tensor landed), and three such
+# paragraphs per load hid real messages. Only those records are dropped, only during the load.
+_LOADER_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline", "diffusers.loaders.peft")
+
+
+class _TextEncoderLoraNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("No LoRA keys associated to" in msg and "prefix='text_encoder" in msg)
+
+
+@contextlib.contextmanager
+def _quiet_text_encoder_notices():
+    notice, loggers = _TextEncoderLoraNotice(), [logging.getLogger(n) for n in _LOADER_LOGGERS]
+    for lg in loggers:
+        lg.addFilter(notice)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(notice)
+
+
 def load_into(pipe, lora_file: pathlib.Path) -> None:
     """``pipe.load_lora_weights`` of the file, checked: every LoRA tensor of the file for the
     transformer must land in it (diffusers only logs keys it cannot place)."""
@@ -105,7 +132,8 @@ def load_into(pipe, lora_file: pathlib.Path) -> None:
     if not wanted:
         raise ValueError(f"{lora_file}: no LoRA weights for the transformer (keys transformer.*.lora_A/B)")
     try:
-        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME)
+        with _quiet_text_encoder_notices():
+            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME)
     except (ValueError, KeyError, RuntimeError, IndexError, TypeError) as e:  # diffusers' own, unwrapped
         raise ValueError(f"{lora_file}: diffusers could not load it as a LoRA of the "
                          f"{type(pipe.transformer).__name__}: {e}") from e
