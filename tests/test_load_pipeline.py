@@ -314,3 +314,26 @@ def test_sharded_folder_with_a_missing_shard(tmp_path):
     shutil.copytree(tiny_pipelines.saved_pipeline("sana", "sharded"), dst)
     next((dst / "transformer").glob("*-00002-of-*.safetensors")).unlink()
     expect_error(FileNotFoundError, lambda: load_pipeline(dst, "sana"), contains=("shard", "missing"))
+
+
+def test_components_left_out_or_given_as_diffusers_takes_them(tmp_path):
+    """SD3 without T5 (a common way to save memory): a folder saved with text_encoder_3=None loads
+    (diffusers itself refuses it unless told again), and overrides pass through, None included."""
+    pipe = load("sd3")
+    pipe.register_modules(text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(tmp_path / "no-t5")
+    index = json.loads((tmp_path / "no-t5" / "model_index.json").read_text())
+    assert index["text_encoder_3"] == [None, None]
+    again = load_pipeline(tmp_path / "no-t5")
+    again.set_progress_bar_config(disable=True)
+    assert again.text_encoder_3 is None and torch.isfinite(generate(again, "sd3", 1)).all()
+    # the same from the full folder, leaving T5 out by argument: the same image
+    given = load("sd3", text_encoder_3=None, tokenizer_3=None)
+    assert given.text_encoder_3 is None
+    assert torch.equal(generate(given, "sd3", 1), generate(again, "sd3", 1))
+    # a loaded component replaces the folder's
+    te = again.text_encoder
+    assert load("sd3", text_encoder=te).text_encoder is te
+    expect_error(ValueError, lambda: load("sd3", text_encoder_4=None),
+                 contains=("text_encoder_4: not a component of StableDiffusion3Pipeline", "text_encoder_3"))
+    expect_error(ValueError, lambda: load("sd3", vae="some/folder"), contains=("vae", "got the path"))

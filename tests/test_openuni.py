@@ -159,7 +159,10 @@ def test_published_pth_errors(tmp_path):
     expect_error(FileNotFoundError, lambda: twinflow.load_pipeline(tmp_path, model="openuni"),
                  contains="model_index.json")
     expect_error(ValueError, lambda: twinflow.load_pipeline(saved_openuni("stock"), model="sana", text_encoder="x"),
-                 contains=("model='sana'", "text_encoder", "only for ['openuni']"))
+                 contains=("text_encoder", "a loaded component", "or None, got the path 'x'"))
+    expect_error(ValueError, lambda: twinflow.load_pipeline(saved_openuni("stock"), model="openuni",
+                                                            transformer_config={}),
+                 contains=("transformer_config: not a component of OpenUniPipeline", "meta_queries"))
     expect_error(ValueError, lambda: twinflow.load_pipeline(root / "openuni.pth", model="openuni", revision="main",
                                                             **pth_components(root)), contains="revision")
     expect_error(ValueError, lambda: twinflow.load_pipeline(root / "openuni.pth", model="sana"),

@@ -18,9 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from checks import expect_error  # noqa: E402
 from twinflow.training.config import load_config, parse_config  # noqa: E402
 
-# OpenUni's four configs (full, image-free, LoRA 1st/2nd order) are checked in test_train_openuni.py.
+# OpenUni's four configs (full, image-free, LoRA 1st/2nd order) are checked in test_train_openuni.py,
+# the CPU smoke config (not a published recipe) in test_tiny.py.
 CONFIGS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
-                 if not p.stem.startswith("openuni"))
+                 if not p.stem.startswith(("openuni", "smoke")))  # smoke_*: test_tiny.py
 MODELS = {"sd35": "sd3", "qwen_image": "qwen-image", "z_image": "z-image", "sana": "sana"}
 BASE = {"model": {"name": "sd3", "pretrained_model_name_or_path": "/x"}}
 

@@ -1,8 +1,5 @@
-"""Tiny random-weight diffusers pipelines (Qwen-Image, Z-Image, SD3, Sana) for tests.
-
-Sizes follow diffusers' own fast tests (tests/pipelines/*/test_*.py): 1-2 layer transformers,
-tiny VAEs and text encoders built from configs. The tokenizers are built offline (a
-byte-level BPE with no merges, one token per byte), so nothing touches the network.
+"""Tiny random-weight diffusers pipelines (Qwen-Image, Z-Image, SD3, Sana) for tests: the
+builders are ``twinflow.tiny`` (also ``twinflow tiny-pipeline``); this module saves them.
 
 ``saved_pipeline(model, layout)`` saves a pipeline with ``save_pretrained`` into a temporary
 folder once per test session and returns the folder:
@@ -32,8 +29,10 @@ from typing import Dict, Tuple
 import pytest
 import torch
 
-MODELS = ("qwen-image", "z-image", "sd3", "sana")
-TEST_SIZE = 32
+# The builders live in the package (``twinflow tiny-pipeline`` makes the same folders).
+from twinflow.tiny import (BUILDERS, MODELS, TEST_SIZE, TRANSFORMERS, _qwen_tokenizer,  # noqa: E402,F401
+                           _sana_transformer, build, build_qwen_image, build_sana, build_sd3, build_transformer,
+                           build_z_image, tiny_dc_ae)
 
 _ROOT = None
 _CACHE: Dict[Tuple[str, str], pathlib.Path] = {}
@@ -55,203 +54,6 @@ def one_thread():
     torch.set_num_threads(tiny_threads())
     yield
     torch.set_num_threads(n)
-
-
-# ----------------------------------------------------------------------------- tokenizers
-
-def _byte_alphabet():
-    from tokenizers import pre_tokenizers
-
-    return sorted(pre_tokenizers.ByteLevel.alphabet())
-
-
-def _qwen_tokenizer(chat_template: bool = False):
-    from transformers import Qwen2Tokenizer
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
-    for s in specials:
-        vocab[s] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
-    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
-    if chat_template:  # ZImagePipeline formats prompts with apply_chat_template
-        tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return tok
-
-
-def _clip_tokenizer():
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    alphabet = _byte_alphabet()
-    for c in alphabet + [c + "</w>" for c in alphabet]:  # CLIP marks a word's last symbol
-        vocab[c] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def _t5_tokenizer():
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
-    return T5Tokenizer(vocab=pieces + [(chr(i), -2.0) for i in range(33, 127)], extra_ids=0)
-
-
-def _gemma_tokenizer():
-    from transformers import GemmaTokenizer
-
-    vocab = {s: i for i, s in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
-    for b in range(256):  # byte fallback
-        vocab[f"<0x{b:02X}>"] = len(vocab)
-    for c in "▁" + "".join(chr(i) for i in range(33, 127)):
-        vocab[c] = len(vocab)
-    return GemmaTokenizer(vocab=vocab, merges=[])
-
-
-# ----------------------------------------------------------------------------- transformers
-
-def _qwen_image_transformer():
-    from diffusers import QwenImageTransformer2DModel
-
-    return QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
-        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
-
-
-def _z_image_transformer():
-    from diffusers import ZImageTransformer2DModel
-
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
-        n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
-        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
-    with torch.no_grad():  # created with torch.empty: fix them (as diffusers' tests do)
-        transformer.x_pad_token.fill_(1.0)
-        transformer.cap_pad_token.fill_(1.0)
-    return transformer
-
-
-def _sd3_transformer():
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(
-        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4)
-
-
-def _sana_transformer():
-    from diffusers import SanaTransformer2DModel
-
-    return SanaTransformer2DModel(
-        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
-        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
-        sample_size=32)
-
-
-TRANSFORMERS = {"qwen-image": _qwen_image_transformer, "z-image": _z_image_transformer, "sd3": _sd3_transformer,
-                "sana": _sana_transformer}
-
-
-def build_transformer(model: str):
-    """The tiny pipeline's transformer alone (the same weights as ``build(model).transformer``)."""
-    torch.manual_seed(0)
-    return TRANSFORMERS[model]().eval()
-
-
-# ----------------------------------------------------------------------------- pipelines
-
-def build_qwen_image():
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    transformer = _qwen_image_transformer()
-    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=320, rope_theta=1000000.0,
-                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
-        hidden_size=16, vocab_size=320, vision_end_token_id=301, vision_start_token_id=300, vision_token_id=302,
-        image_token_id=303, video_token_id=304)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    return QwenImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-                             text_encoder=text_encoder, tokenizer=_qwen_tokenizer())
-
-
-def build_z_image():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
-    from transformers import Qwen3Config, Qwen3Model
-
-    torch.manual_seed(0)
-    transformer = _z_image_transformer()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], layers_per_block=1,
-                        latent_channels=16, norm_num_groups=32, sample_size=32, scaling_factor=0.3611,
-                        shift_factor=0.1159)
-    text_encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
-                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=320,
-                                          max_position_embeddings=512)).eval()
-    return ZImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-                          text_encoder=text_encoder, tokenizer=_qwen_tokenizer(chat_template=True))
-
-
-def build_sd3():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    transformer = _sd3_transformer()
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
-    # Two CLIP encoders (pooled 2 × 32 = pooled_projection_dim) and a T5 of width joint_attention_dim.
-    clip = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                          num_attention_heads=4, num_hidden_layers=2, vocab_size=520, projection_dim=32,
-                          hidden_act="gelu")
-    te1 = CLIPTextModelWithProjection(clip).eval()
-    te2 = CLIPTextModelWithProjection(clip).eval()
-    te3 = T5EncoderModel(T5Config(vocab_size=100, d_model=64, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
-                                  relative_attention_num_buckets=8)).eval()
-    return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-                                    text_encoder=te1, tokenizer=_clip_tokenizer(), text_encoder_2=te2,
-                                    tokenizer_2=_clip_tokenizer(), text_encoder_3=te3, tokenizer_3=_t5_tokenizer())
-
-
-def tiny_dc_ae():
-    """A tiny AutoencoderDC (4 latent channels, ×2 downsampling), also OpenUni's (tests/tiny_openuni.py)."""
-    from diffusers import AutoencoderDC
-
-    return AutoencoderDC(
-        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
-        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
-        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
-        encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1], downsample_block_type="conv",
-        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
-        scaling_factor=0.41407)
-
-
-def build_sana():
-    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
-    from transformers import Gemma2Config, Gemma2Model
-
-    torch.manual_seed(0)
-    transformer = _sana_transformer()
-    vae = tiny_dc_ae()
-    text_encoder = Gemma2Model(Gemma2Config(
-        head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192, num_attention_heads=2,
-        num_hidden_layers=1, num_key_value_heads=2, vocab_size=360, attn_implementation="eager")).eval()
-    return SanaPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-                        text_encoder=text_encoder, tokenizer=_gemma_tokenizer())
-
-
-BUILDERS = {"qwen-image": build_qwen_image, "z-image": build_z_image, "sd3": build_sd3, "sana": build_sana}
-
-
-def build(model: str):
-    """A tiny stock pipeline of `model` (random weights, seeded)."""
-    return BUILDERS[model]()
 
 
 # ----------------------------------------------------------------------------- saved folders

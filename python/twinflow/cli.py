@@ -19,7 +19,8 @@ A command that raises ``ValueError`` (invalid user input), ``FileNotFoundError``
 command's exit status.
 
 Commands: ``demo`` (twinflow.demo), ``generate`` (twinflow.generate),
-``train`` (twinflow.training.command).
+``train`` (twinflow.training.command), ``mnist`` (twinflow.tutorials.mnist.cli),
+``tiny-pipeline`` (twinflow.tiny).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ COMMANDS: Dict[str, Command] = {}
 # Modules that register their commands on import (kept out of `twinflow --help`'s imports
 # until the parser is built).
 _COMMAND_MODULES: Sequence[str] = ("twinflow.demo", "twinflow.generate", "twinflow.tutorials.mnist.cli",
-                                     "twinflow.training.command")
+                                     "twinflow.training.command", "twinflow.tiny")
 
 
 def register_command(name: str, *, help: str,

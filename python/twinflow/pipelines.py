@@ -21,6 +21,7 @@ is called. What twinflow saves records backbone and mode (``twinflow.saved_forma
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import pathlib
@@ -214,12 +215,13 @@ def check_transformer_folder(tdir: pathlib.Path, model: str) -> None:
     transformer_weight_files(tdir)
 
 
-def check_pipeline_folder(path: Union[str, os.PathLike], model: str, *, with_transformer: bool = True
-                          ) -> pathlib.Path:
+def check_pipeline_folder(path: Union[str, os.PathLike], model: str, *, with_transformer: bool = True,
+                          overridden=()) -> pathlib.Path:
     """Check a local diffusers pipeline folder before diffusers reads it: model_index.json,
-    every component folder it lists, JSON configs, safetensors headers, and (unless
-    `with_transformer` is False: the transformer comes from elsewhere) the transformer.
-    Returns the folder. FileNotFoundError / ValueError name the problem."""
+    every component folder it lists (but those in `overridden`: given by the caller), JSON
+    configs, safetensors headers, and (unless `with_transformer` is False: the transformer comes
+    from elsewhere) the transformer. Returns the folder. FileNotFoundError / ValueError name the
+    problem."""
     diffusers_patch.backbone(model)
     root = pathlib.Path(path).expanduser()
     if not root.is_dir():
@@ -228,7 +230,8 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str, *, with_tra
     if not index.is_file():
         raise FileNotFoundError(f"{root}: not a diffusers pipeline folder (no model_index.json)")
     components = {k: v for k, v in _read_json(index).items()
-                  if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
+                  if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None
+                  and k not in overridden}
     if "transformer" not in components:
         raise ValueError(f"{index}: lists no transformer")
     from .saved_format import LIBRARY
@@ -251,6 +254,28 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str, *, with_tra
     checked = {k: v for k, v in components.items() if with_transformer or k != "transformer"}
     _pipeline_checks.check_components(root, checked, diffusers_patch.backbone(model).pipeline_class())
     return root
+
+
+def component_overrides(bb, root: pathlib.Path, given: Dict[str, object]) -> Dict[str, object]:
+    """The components to hand diffusers' ``from_pretrained`` instead of loading them from `root`,
+    as diffusers takes them: those the caller gives (a loaded module, a tokenizer, or None to
+    leave one out, e.g. ``text_encoder_3=None`` for SD3 without T5), and None for each that
+    model_index.json records as left out (``[null, null]``: diffusers saves that, then refuses
+    to load it unless told again)."""
+    params = inspect.signature(bb.pipeline_class().__init__).parameters
+    names = [n for n in params if n not in ("self", "transformer", "scheduler")]
+    for name, value in given.items():
+        if name not in names:
+            raise ValueError(f"{name}: not a component of {bb.pipeline_class_name} (its components: "
+                             f"{', '.join(names)}; transformer and scheduler have their own arguments)")
+        if isinstance(value, (str, os.PathLike)):
+            raise ValueError(f"{name}: a component override is a loaded component (e.g. from its class's "
+                             f"from_pretrained) or None, got the path {str(value)!r}")
+    index = root / "model_index.json"
+    recorded = _read_json(index) if index.is_file() else {}
+    left_out = {k: None for k, v in recorded.items()
+                if k in names and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
+    return {**left_out, **given}
 
 
 # ----------------------------------------------------------------------------- aux weights
@@ -439,8 +464,12 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
             ``load_lora_weights`` onto the base `path` (mode "lora").
         subfolder: the pipeline folder inside `path` (e.g. a repo holding several).
         revision: the Hub revision (branch, tag or commit) of a repo id.
-        **parts: for a backbone whose ``Backbone`` has ``load_from_parts`` (OpenUni): `path` may be
-            its base weights file (OpenUni's published ``.pth``), with the components it lacks
+        **parts: with a pipeline folder or repo id, components to use instead of the folder's,
+            as diffusers' ``from_pretrained`` takes them: a loaded component, or None to leave
+            one out (``text_encoder_3=None, tokenizer_3=None``: SD3 without T5). Components the
+            folder records as left out are passed as None by themselves. For a backbone whose
+            ``Backbone`` has ``load_from_parts`` (OpenUni), `path` may instead be its base
+            weights file (OpenUni's published ``.pth``), with the components it lacks
             (``text_encoder``, ``tokenizer``, ``vae``, ``transformer_config``).
 
     Returns the pipeline with ``pipe.scheduler`` the TwinFlow scheduler and ``pipe.transformer``
@@ -474,7 +503,7 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
     if isinstance(transformer, torch.nn.Module):
         records.append((_module_record(transformer, f"transformer={type(transformer).__name__}"),
                         f"transformer={type(transformer).__name__}"))
-    if parts or (isinstance(path, (str, os.PathLike)) and pathlib.Path(path).expanduser().is_file()):
+    if isinstance(path, (str, os.PathLike)) and pathlib.Path(path).expanduser().is_file():
         if subfolder is not None or revision is not None:
             raise ValueError("subfolder / revision: apply to pipeline folders and Hub repo ids, not to a weights file")
         model, mode, recorded = _resolve_model_mode(model, mode, records)
@@ -497,8 +526,9 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
     model = bb.name
     if tfolder is not None:
         check_transformer_folder(tfolder, model)
-    root = check_pipeline_folder(root, model, with_transformer=transformer is None)
-    load_kw = dict(local_files_only=True, **dtype_kwargs(dtype))
+    overrides = component_overrides(bb, root, parts)
+    root = check_pipeline_folder(root, model, with_transformer=transformer is None, overridden=overrides)
+    load_kw = dict(local_files_only=True, **dtype_kwargs(dtype), **overrides)
     module = transformer if isinstance(transformer, torch.nn.Module) else None
     if module is not None:
         bb.check(module)
@@ -512,7 +542,7 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
         if module is None:
             transformer_cls = bb.transformer_class()
             with _aux_keys_expected(transformer_cls, bb.aux_prefix):
-                module = transformer_cls.from_pretrained(tdir, **load_kw)
+                module = transformer_cls.from_pretrained(tdir, local_files_only=True, **dtype_kwargs(dtype))
         scheduler = scheduler if scheduler is not None else TwinFlowPresetScheduler()
         pipe = bb.load_pipeline(root, transformer=module, scheduler=scheduler, **load_kw)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:

@@ -92,10 +92,12 @@ class TextEncoder:
     """The pipeline's own ``encode_prompt`` (its text encoders and tokenizers), frozen."""
 
     def __init__(self, cfg, family: Family, device, dtype: torch.dtype):
-        from twinflow.pipelines import align_pipeline, dtype_kwargs
+        from twinflow.pipelines import align_pipeline, component_overrides, dtype_kwargs
 
         root = cfg.model.pretrained_model_name_or_path
-        self.pipe = family.pipeline_class().from_pretrained(root, transformer=None, vae=None, **dtype_kwargs(dtype))
+        left_out = component_overrides(family, pathlib.Path(root), {})  # e.g. SD3 saved without T5
+        self.pipe = family.pipeline_class().from_pretrained(root, **{**left_out, "transformer": None, "vae": None},
+                                                            **dtype_kwargs(dtype))
         align_pipeline(self.pipe)
         for name, comp in self.pipe.components.items():
             if isinstance(comp, nn.Module):
