@@ -9,6 +9,7 @@ there is not measured again, so a stopped study continues where it stopped.
 
     python bench/mnist_finetune_study.py run er0            # one variant (see VARIANTS)
     python bench/mnist_finetune_study.py presets er0        # sampler settings on its final checkpoint
+    python bench/mnist_finetune_study.py gap er0_cos4k      # by class: accuracy, diversity, sharpness
     python bench/mnist_finetune_study.py plot               # docs/mnist/finetune_study.png
     python bench/mnist_finetune_study.py table              # the final rows as a Markdown table
 
@@ -63,7 +64,7 @@ VARIANTS = {
     # short study used, and a cosine decay to 0 over the run's 4000 steps.
     "er0_cos4k": _variant("enhanced_ratio 0, lr 2e-4 cosine-decayed to 0 over 4000 steps", 0.0,
                           lr_schedule="cosine", lr_decay_steps=4000),
-    "er0_const4k": _variant("enhanced_ratio 0, constant lr 2e-4 (er0 run long)", 0.0),
+    "er0_const": _variant("enhanced_ratio 0, constant lr 2e-4 (er0 run long)", 0.0),
     # For a GPU (bench/gpu_mnist_study.sh): the cosine over 10000 steps.
     "er0_cos10k": _variant("enhanced_ratio 0, lr 2e-4 cosine-decayed to 0 over 10000 steps", 0.0,
                            lr_schedule="cosine", lr_decay_steps=10000),
@@ -182,6 +183,52 @@ def guidance(names, runs: Path, n: int = 1000) -> None:
     path.write_text(json.dumps({**old, **out}, indent=1) + "\n")
 
 
+def gap(name: str, samples: int, threads: int, runs: Path) -> None:
+    """What separates a variant's 1- and 2-NFE samples from the base's 50 Euler steps, by class:
+    accuracy (off-class samples), diversity (the trace of the class's feature covariance over the
+    test images' own) and sharpness (mean absolute pixel gradient over the test images'), each
+    with the class's own FID against its test images. Writes docs/mnist/study/gap_<variant>.json."""
+    import torch
+
+    from twinflow.tutorials.mnist.checkpoint import load_model, shipped_checkpoint
+    from twinflow.tutorials.mnist.data import load_mnist
+    from twinflow.tutorials.mnist.metrics import features, frechet_distance, load_classifier
+    from twinflow.tutorials.mnist.sample import generate, sampler_for
+
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    clf = load_classifier()
+    test_images, test_labels = load_mnist("test")
+    ref_feats, _ = features(clf, test_images)
+    labels = torch.arange(10).repeat_interleave(samples // 10)
+
+    def sharpness(images):
+        x = images.double()
+        return float((x[:, 1:, :] - x[:, :-1, :]).abs().mean() + (x[:, :, 1:] - x[:, :, :-1]).abs().mean())
+
+    def describe(images):
+        feats, preds = features(clf, images)
+        rows = {}
+        for c in range(10):
+            mine, ref = feats[labels == c], ref_feats[test_labels == c]
+            rows[c] = {"accuracy": round(float((preds[labels == c] == c).double().mean()), 3),
+                       "fid": round(frechet_distance(mine, ref), 1),
+                       "diversity": round(float(torch.cov(mine.double().T).trace() / torch.cov(ref.double().T).trace()), 3),
+                       "sharpness": round(sharpness(images[labels == c]) / sharpness(test_images[test_labels == c]), 3)}
+        return rows
+
+    model, config = load_model(runs / name)
+    base, _ = load_model(shipped_checkpoint("flow_matching"))
+    out = {"variant": name, "step": config["progress"]["step"], "samples": samples, "seed": 0, "by_class": {}}
+    for label, net, sampler in ((f"{name} 1-NFE", model, sampler_for("twinflow", 1)),
+                                (f"{name} 2-NFE", model, sampler_for("twinflow", 2)),
+                                ("base 50 Euler steps", base, sampler_for("flow_matching", 50))):
+        images = generate(net, labels, sampler, generator=torch.Generator().manual_seed(0))
+        out["by_class"][label] = describe(images)
+        print(label, json.dumps(out["by_class"][label]), flush=True)
+    (STUDY / f"gap_{name}.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
 def _reference():
     """Flow matching (the base) sampled with 50 Euler steps, measured with the same metric."""
     path = STUDY / "base_flow_matching.json"
@@ -196,10 +243,12 @@ def plot(out: Path) -> None:
     ref = _reference()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, nfe in zip(axes, (1, 2)):
-        for name in VARIANTS:
+        for i, name in enumerate(VARIANTS):
             rows = [r for r in _rows(name) if r["nfe"] == nfe and r["num_samples"] < 10000]
-            if rows:
-                ax.plot([r["total_steps"] - 1500 for r in rows], [r["fid"] for r in rows], marker="o", ms=3, label=name)
+            if rows:  # the long runs in strong colours of their own, the short ones in tab20's
+                long = {"er0_const": "tab:red", "er0_cos4k": "tab:blue", "er0_cos10k": "tab:green"}
+                ax.plot([r["total_steps"] - 1500 for r in rows], [r["fid"] for r in rows], marker="o", ms=3,
+                        color=long.get(name, plt.cm.tab20(i % 20)), lw=2.2 if name in long else 1.0, label=name)
         if "fid_50step_2k" in ref:
             ax.axhline(ref["fid_50step_2k"], color="k", ls="--", lw=1,
                        label=f"base, 50 Euler steps ({ref['fid_50step_2k']:.1f})")
@@ -245,6 +294,11 @@ def main(argv=None) -> int:
     gs = sub.add_parser("guidance", help="effective guidance scale of variants' current checkpoints")
     gs.add_argument("variants", nargs="+", choices=sorted(VARIANTS) + ["base"])
     gs.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
+    gp = sub.add_parser("gap", help="per-class accuracy, diversity and sharpness against the base's 50 steps")
+    gp.add_argument("variant", choices=sorted(VARIANTS))
+    gp.add_argument("--samples", type=int, default=2000)
+    gp.add_argument("--threads", type=int, default=2)
+    gp.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
     pl = sub.add_parser("plot")
     pl.add_argument("--output", type=Path, default=ROOT / "docs" / "mnist" / "finetune_study.png")
     sub.add_parser("table")
@@ -256,6 +310,8 @@ def main(argv=None) -> int:
         presets(args.variant, args.samples, args.threads, args.runs)
     elif args.cmd == "guidance":
         guidance(args.variants, args.runs)
+    elif args.cmd == "gap":
+        gap(args.variant, args.samples, args.threads, args.runs)
     elif args.cmd == "plot":
         plot(args.output)
     else:
