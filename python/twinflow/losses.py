@@ -9,11 +9,12 @@ dtypes): docs/training.md.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 import torch
 
 from ._core import LOSS_SETTINGS, STAT_NAMES, TwinFlowObjective, barron_loss, l2_loss, split_sub_batches, time_weight
+from ._random import check_generator
 from .ema import EmaTeacher
 
 __all__ = ["TwinFlowLoss", "EmaTeacher", "LOSS_SETTINGS", "barron_loss", "l2_loss", "split_sub_batches",
@@ -59,8 +60,22 @@ class TwinFlowLoss:
     (BatchNorm in training mode).
     """
 
-    def __init__(self, recipe: str = "twinflow", *, batch_calls: bool = True, **settings: Any) -> None:
-        self._objective = TwinFlowObjective(recipe, **settings)
+    # The settings are written out for type checkers and IDEs (None: the recipe's value);
+    # tests/test_typed_surface.py checks them against LOSS_SETTINGS.
+    def __init__(self, recipe: Literal["twinflow", "rcgm", "flow_matching"] = "twinflow", *,
+                 batch_calls: bool = True, consistc_ratio: Optional[float] = None,
+                 ema_decay_rate: Optional[float] = None, enhanced_ratio: Optional[float] = None,
+                 enhanced_range: Optional[Tuple[float, float]] = None,
+                 time_dist_ctrl: Optional[Tuple[float, float, float]] = None,
+                 estimate_order: Optional[int] = None, loss: Optional[Literal["barron", "l2"]] = None,
+                 barron_alpha: Optional[float] = None, barron_c: Optional[float] = None,
+                 dist_match_cof: Optional[float] = None, use_image_free: Optional[bool] = None,
+                 sub_batches: Optional[Dict[str, float]] = None) -> None:
+        self._objective = TwinFlowObjective(
+            recipe, consistc_ratio=consistc_ratio, ema_decay_rate=ema_decay_rate, enhanced_ratio=enhanced_ratio,
+            enhanced_range=enhanced_range, time_dist_ctrl=time_dist_ctrl, estimate_order=estimate_order,
+            loss=loss, barron_alpha=barron_alpha, barron_c=barron_c, dist_match_cof=dist_match_cof,
+            use_image_free=use_image_free, sub_batches=sub_batches)
         self.recipe = recipe
         self.batch_calls = bool(batch_calls)
         self.ema = EmaTeacher(self._objective.ema_decay_rate)
@@ -87,6 +102,7 @@ class TwinFlowLoss:
     def __call__(self, model, x: torch.Tensor, cond: Optional[Sequence[torch.Tensor]] = None,
                  uncond: Optional[Sequence[torch.Tensor]] = None, teacher=None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        check_generator(generator)  # one: the step's draws have many shapes, not one row each
         decay = None
         if teacher is None and self.ema.rate > 0 and self._objective.needs_teacher:
             if self.ema.module is None:

@@ -10,12 +10,13 @@ with their types, defaults and ranges, are declared once in the Rust core and li
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Literal, Optional, Tuple, Union
 
 import torch
 
 from ._core import SAMPLER_SETTINGS, SamplerSettings, Stepper
+from . import _random
+from ._random import Generators, check_generator
 
 __all__ = ["UnifiedSampler"]
 
@@ -25,16 +26,19 @@ _SWITCHES = [s["name"] for s in SAMPLER_SETTINGS if not s["saved"]]
 
 
 class UnifiedSampler:
-    # The docstring and the constructor's signature are filled in from SAMPLER_SETTINGS below.
+    # The docstring is filled in from SAMPLER_SETTINGS below; the signature is written out for
+    # type checkers and IDEs, and tests/test_typed_surface.py checks it against that table.
 
-    def __init__(self, *args: Any, **settings: Any):
-        if len(args) > len(_SAVED):
-            raise TypeError(f"UnifiedSampler takes at most {len(_SAVED)} positional arguments, got {len(args)}")
-        for name, value in zip(_SAVED, args):
-            if name in settings:
-                raise TypeError(f"UnifiedSampler got multiple values for argument {name!r}")
-            settings[name] = value
-        self._settings = SamplerSettings(**settings)
+    def __init__(self, sampling_steps: int = 20, stochast_ratio: Union[float, Literal["SDE"]] = 0.0,
+                 extrapol_ratio: float = 0.0, sampling_order: int = 1,
+                 time_dist_ctrl: Tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 rfba_gap_steps: Tuple[float, float] = (0.0, 0.0),
+                 sampling_style: Literal["few", "mul", "any"] = "few", *,
+                 use_fused_kernel: bool = True, check_finite: bool = True) -> None:
+        self._settings = SamplerSettings(
+            sampling_steps=sampling_steps, stochast_ratio=stochast_ratio, extrapol_ratio=extrapol_ratio,
+            sampling_order=sampling_order, time_dist_ctrl=time_dist_ctrl, rfba_gap_steps=rfba_gap_steps,
+            sampling_style=sampling_style, use_fused_kernel=use_fused_kernel, check_finite=check_finite)
 
     @classmethod
     def _of(cls, settings: SamplerSettings) -> "UnifiedSampler":
@@ -49,17 +53,20 @@ class UnifiedSampler:
         return cls._of(SamplerSettings.preset(name, **overrides))
 
     def sample(self, model: Callable[..., torch.Tensor], noise: torch.Tensor,
-               generator: Optional[torch.Generator] = None, progress: bool = False,
+               generator: Generators = None, progress: bool = False,
                return_trajectory: bool = False, **model_kwargs: Any) -> torch.Tensor:
         """Draw samples from ``noise`` with ``model(x_t, t=t, tt=tt, **model_kwargs)``, the
         velocity at x_t (t and tt: shape [B], noise's dtype and device).
 
         Returns x̂ of the last interval (noise's shape, dtype and device), or with
         ``return_trajectory=True`` the stack [noise, x̂_0, …, x̂_{n−1}]. Stochastic steps draw
-        ``torch.randn(..., generator=generator)``; ``progress`` shows a tqdm bar.
+        ``torch.randn(..., generator=generator)`` as diffusers does (``randn_tensor``): a CPU generator
+        serves noise on any device, a list of generators draws one row each; ``progress`` shows
+        a tqdm bar.
         """
         stepper = Stepper(self._settings)
         stepper.check_noise(noise)
+        check_generator(generator, noise.shape[0])
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
         batch, like = (noise.shape[0],), dict(dtype=noise.dtype, device=noise.device)
@@ -72,7 +79,7 @@ class UnifiedSampler:
             for e in stepper.evals:
                 velocity = model(x, t=torch.full(batch, e.t, **like), tt=torch.full(batch, e.tt, **like),
                                  **model_kwargs)
-                eps = torch.randn(noise.shape, generator=generator, **like) if e.noise else None
+                eps = _random.random_tensor(noise.shape, generator, **like) if e.noise else None
                 xhat = trajectory[e.interval + 1] if trajectory is not None and not e.corrector else None
                 x = stepper.step(x, velocity, eps, xhat)
                 bar.update(1)
@@ -165,7 +172,3 @@ UnifiedSampler.__doc__ = "\n".join([
     "    >>> s = UnifiedSampler.preset(\"2-nfe\")",
     "    >>> x0 = s.sample(model, torch.randn(4, 16, 64, 64), generator=torch.Generator().manual_seed(0))",
 ])
-UnifiedSampler.__init__.__signature__ = inspect.Signature(
-    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    + [inspect.Parameter(s["name"], inspect.Parameter.POSITIONAL_OR_KEYWORD if s["saved"]
-                         else inspect.Parameter.KEYWORD_ONLY, default=s["default"]) for s in SAMPLER_SETTINGS])

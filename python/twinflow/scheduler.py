@@ -35,6 +35,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ._core import SAMPLER_SETTINGS, SamplerSettings, Stepper
+from . import _random
 
 __all__ = ["TwinFlowScheduler", "TwinFlowSchedulerOutput", "TwinFlowPresetScheduler", "preset_for_steps",
            "scheduler_for_steps"]
@@ -103,6 +104,9 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps: must be a positive int, got {num_train_timesteps!r}")
         self._sampler(1)  # validates every sampler setting now, naming the field
+        # Lists, as JSON gives them back: a saved and reloaded config equals the original.
+        self.register_to_config(time_dist_ctrl=[float(v) for v in time_dist_ctrl],
+                                rfba_gap_steps=[float(v) for v in rfba_gap_steps])
         self.tt = torch.zeros(1, dtype=torch.float32)
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
@@ -153,7 +157,8 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
                       device: Union[str, torch.device, None] = None,
                       sigmas: Optional[Sequence[float]] = None, mu: Optional[float] = None,
                       timesteps: Optional[Sequence[float]] = None) -> None:
-        """Build the evaluation schedule. ``mu`` is always ignored (no dynamic shifting)."""
+        """Build the evaluation schedule. ``mu`` (dynamic shifting) matters only with
+        ``time_grid="pipeline"`` when the pipeline passes no sigmas (the stock schedule)."""
         scale = self.config.num_train_timesteps
         if self.config.time_grid == "pipeline":
             if sigmas is None and timesteps is not None:
@@ -247,8 +252,8 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         k = self._stepper.position
         eps = None
         if k < len(self._evals) and self._evals[k].noise:
-            eps = torch.randn(sample.shape, generator=generator if generator is not None else self._generator,
-                              dtype=work, device=sample.device)
+            eps = _random.random_tensor(sample.shape, generator if generator is not None else self._generator,
+                                dtype=work, device=sample.device)
         prev = self._stepper.step(sample.to(work), model_output.to(work), eps)
         prev = prev.to(model_output.dtype)
         k = self._stepper.position
@@ -288,7 +293,7 @@ def scheduler_for_steps(steps: int, **overrides) -> TwinFlowScheduler:
 def _preset_step_settings(steps: int) -> dict:
     # The 1/2/4-NFE presets differ only in these two settings (docs/algorithm.md §2 table).
     s = SamplerSettings.preset(preset_for_steps(steps)).to_dict()
-    return {"stochast_ratio": s["stochast_ratio"], "rfba_gap_steps": tuple(s["rfba_gap_steps"])}
+    return {"stochast_ratio": s["stochast_ratio"], "rfba_gap_steps": [float(v) for v in s["rfba_gap_steps"]]}
 
 
 class TwinFlowPresetScheduler(TwinFlowScheduler):

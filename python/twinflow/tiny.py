@@ -230,6 +230,7 @@ def build(model: str):
 def _add_arguments(p) -> None:
     p.add_argument("--model", default="sd3", choices=MODELS, help="the pipeline family (default sd3)")
     p.add_argument("--output-dir", required=True, help="a new or empty folder for the pipeline")
+    p.add_argument("--quiet", action="store_true", help="print nothing")
 
 
 def _run(args) -> int:
@@ -239,7 +240,8 @@ def _run(args) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--output-dir: {out} exists and is not an empty folder")
     build(args.model).save_pretrained(out)
-    print(f"wrote a tiny {args.model} pipeline (random weights: for smoke runs, its images are noise) to {out}")
+    if not args.quiet:
+        print(f"wrote a tiny {args.model} pipeline (random weights: for smoke runs, its images are noise) to {out}")
     return 0
 
 

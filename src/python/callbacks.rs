@@ -21,8 +21,9 @@ fn model_output(out: &Bound<'_, PyAny>) -> PyResult<PyTensor> {
     Ok(t)
 }
 
-/// Draws through `torch.rand`/`torch.randn(shape, generator=g, dtype=..., device=...)`: the
-/// same numbers as a plain PyTorch loop with the same generator (the global RNG when None).
+/// Draws through `twinflow._random.random_tensor` (diffusers' generator semantics: a CPU
+/// generator serves any device): the same numbers as a plain PyTorch loop with the same
+/// generator (the global RNG when None).
 pub struct PyRng {
     pub generator: Option<Py<PyAny>>,
     pub err: Option<PyErr>,
@@ -33,19 +34,20 @@ impl PyRng {
         Self { generator: generator.filter(|g| !g.is_none()).map(|g| g.unbind()), err: None }
     }
 
-    fn draw(&self, py: Python<'_>, fun: &str, shape: &[i64], (kind, device): (Kind, Device)) -> PyResult<Tensor> {
+    fn draw(&self, py: Python<'_>, normal: bool, shape: &[i64], (kind, device): (Kind, Device)) -> PyResult<Tensor> {
         // dtype and device objects come from an empty tensor of the wanted kind.
         let proto = PyTensor(Tensor::f_empty([0], (kind, device)).map_err(|e| to_pyerr(e.into()))?).into_pyobject(py)?;
         let kw = PyDict::new(py);
-        kw.set_item("generator", self.generator.as_ref().map(|g| g.bind(py)))?;
         kw.set_item("dtype", proto.getattr("dtype")?)?;
         kw.set_item("device", proto.getattr("device")?)?;
-        let e = py.import("torch")?.call_method(fun, (PyTuple::new(py, shape)?,), Some(&kw))?;
+        kw.set_item("normal", normal)?;
+        let generator = self.generator.as_ref().map(|g| g.bind(py).clone());
+        let e = py.import("twinflow._random")?.getattr("random_tensor")?.call((PyTuple::new(py, shape)?, generator), Some(&kw))?;
         Ok(e.extract::<PyTensor>()?.0)
     }
 
-    fn run(&mut self, fun: &str, shape: &[i64], opts: (Kind, Device)) -> crate::Result<Tensor> {
-        Python::with_gil(|py| self.draw(py, fun, shape, opts)).map_err(|e| {
+    fn run(&mut self, normal: bool, shape: &[i64], opts: (Kind, Device)) -> crate::Result<Tensor> {
+        Python::with_gil(|py| self.draw(py, normal, shape, opts)).map_err(|e| {
             self.err = Some(e);
             Error::Callback("rng".into())
         })
@@ -54,10 +56,10 @@ impl PyRng {
 
 impl Rng for PyRng {
     fn rand(&mut self, shape: &[i64], opts: (Kind, Device)) -> crate::Result<Tensor> {
-        self.run("rand", shape, opts)
+        self.run(false, shape, opts)
     }
     fn randn(&mut self, shape: &[i64], opts: (Kind, Device)) -> crate::Result<Tensor> {
-        self.run("randn", shape, opts)
+        self.run(true, shape, opts)
     }
 }
 

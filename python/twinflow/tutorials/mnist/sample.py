@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ... import UnifiedSampler
+from ..._random import random_tensor
 
 __all__ = ["sampler_for", "generate", "class_grid_labels", "save_grid"]
 
@@ -40,7 +41,7 @@ def generate(model: torch.nn.Module, labels: torch.Tensor, sampler: UnifiedSampl
     out = []
     for start in tqdm(range(0, labels.shape[0], batch_size), desc="sample", disable=not progress, leave=False):
         y = labels[start:start + batch_size].to(device)
-        noise = torch.randn(y.shape[0], 1, 28, 28, generator=generator, device=device)
+        noise = random_tensor((y.shape[0], 1, 28, 28), generator, dtype=torch.float32, device=device)
         noise = noise.contiguous(memory_format=torch.channels_last)
         x = sampler.sample(model, noise, generator=generator, c=[y])
         out.append(((x[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())

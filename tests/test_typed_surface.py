@@ -1,0 +1,68 @@
+"""The public classes have written-out, typed signatures (what type checkers and IDEs read),
+and they agree with the settings tables the Rust core declares — names, order, kinds,
+defaults and types — so neither can drift from the other.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+
+import pytest
+
+from twinflow import TwinFlowLoss, UnifiedSampler
+from twinflow._core import LOSS_SETTINGS, SAMPLER_SETTINGS
+
+P = inspect.Parameter
+
+from typing import Dict, Literal, Optional, Tuple, Union  # noqa: E402
+
+# The tables' type names as Python types.
+TYPES = {"int": int, "float": float, "bool": bool, "str": str, 'float | "SDE"': Union[float, Literal["SDE"]],
+         "tuple[float, float, float]": Tuple[float, float, float], "tuple[float, float]": Tuple[float, float],
+         "Tuple[float, float, float]": Tuple[float, float, float], "Tuple[float, float]": Tuple[float, float],
+         "Dict[str, float]": Dict[str, float]}
+
+
+def _type(spec):
+    return Literal[tuple(spec["choices"])] if spec["choices"] else TYPES[spec["type"]]
+
+
+def _hints(cls):
+    return typing.get_type_hints(cls.__init__, vars(inspect.getmodule(cls)))
+
+
+def _params(fn):
+    return [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+
+
+def test_unified_sampler_signature_is_the_table():
+    params = _params(UnifiedSampler.__init__)
+    assert [p.name for p in params] == [s["name"] for s in SAMPLER_SETTINGS]
+    hints = _hints(UnifiedSampler)
+    for p, s in zip(params, SAMPLER_SETTINGS):
+        assert p.kind == (P.POSITIONAL_OR_KEYWORD if s["saved"] else P.KEYWORD_ONLY), s["name"]
+        assert p.default == s["default"], s["name"]
+        assert hints[p.name] == _type(s), (s["name"], hints[p.name])
+    assert UnifiedSampler().to_dict() == UnifiedSampler(**{s["name"]: s["default"] for s in SAMPLER_SETTINGS}).to_dict()
+
+
+def test_twinflow_loss_signature_is_the_table():
+    params = _params(TwinFlowLoss.__init__)
+    assert [p.name for p in params[:2]] == ["recipe", "batch_calls"]
+    settings = params[2:]
+    assert [p.name for p in settings] == [s["name"] for s in LOSS_SETTINGS]
+    hints = _hints(TwinFlowLoss)
+    for p, s in zip(settings, LOSS_SETTINGS):
+        assert p.kind == P.KEYWORD_ONLY and p.default is None, s["name"]  # None: the recipe's value
+        assert hints[p.name] == Optional[_type(s)], (s["name"], hints[p.name])
+    # Every setting given by keyword reaches the objective (a recipe's defaults otherwise).
+    loss = TwinFlowLoss("rcgm", estimate_order=3, loss="l2")
+    assert loss.config["estimate_order"] == 3 and loss.config["loss"] == "l2"
+    with pytest.raises(TypeError, match="no_such_setting"):
+        TwinFlowLoss(no_such_setting=1.0)
+
+
+@pytest.mark.parametrize("cls", [UnifiedSampler, TwinFlowLoss])
+def test_every_parameter_is_annotated(cls):
+    assert set(_hints(cls)) == {p.name for p in _params(cls.__init__)} | {"return"}
