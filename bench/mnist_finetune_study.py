@@ -65,6 +65,7 @@ VARIANTS = {
     "er0_cos4k": _variant("enhanced_ratio 0, lr 2e-4 cosine-decayed to 0 over 4000 steps", 0.0,
                           lr_schedule="cosine", lr_decay_steps=4000),
     "er0_const": _variant("enhanced_ratio 0, constant lr 2e-4 (er0 run long)", 0.0),
+    "er0_const_seed1": _variant("as er0_const, seed 1", 0.0, seed=1),
     # For a GPU (bench/gpu_mnist_study.sh): the cosine over 10000 steps.
     "er0_cos10k": _variant("enhanced_ratio 0, lr 2e-4 cosine-decayed to 0 over 10000 steps", 0.0,
                            lr_schedule="cosine", lr_decay_steps=10000),

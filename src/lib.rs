@@ -10,7 +10,6 @@ pub mod error;
 pub mod fused;
 pub mod grid;
 pub mod pool;
-pub mod rng;
 pub mod sampler;
 pub mod stepper;
 pub mod train;
@@ -21,6 +20,5 @@ mod python;
 
 pub use config::{SamplerConfig, SamplingStyle, StochastRatio, SAMPLER_SETTINGS};
 pub use error::{Error, Result};
-pub use rng::{GlobalRng, Rng};
 pub use sampler::Sampler;
 pub use stepper::Stepper;

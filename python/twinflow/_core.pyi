@@ -90,7 +90,115 @@ LOSS_SETTINGS: tuple
 
 MAX_SAMPLING_STEPS: int
 
+class Plan:
+    """One training step's batch — its runs e2e, mul, any, adv and kinds — and the arithmetic of
+    the step's parts (docs/algorithm.md §3); made by ``TwinFlowObjective.plan``. Row ranges
+    are ``(start, stop)`` pairs, None when empty.
+
+    Example:
+        >>> plan = TwinFlowObjective("twinflow").plan(torch.zeros(8, 2))
+        >>> plan.runs, plan.fake_rows, plan.compute_dtype
+        ([(0, 2), (2, 4), (4, 6), (6, 8)], (6, 8), torch.float32)
+    """
+    def beta_ratio(self, x, y):
+        """Beta(β1, β2) = X/(X + Y).
+        """
+    @property
+    def compute_dtype(self) -> Any:
+        """The dtype of times, targets and losses (float64 for float64 x, else float32).
+        """
+    @property
+    def dist_matching(self) -> Any:
+        """Whether §3.6 (distribution matching on the e2e rows) runs.
+        """
+    def dist_matching_input(self, x_t, f, t, tau, noise):
+        """§3.6: x_τ on the e2e rows from τ (draw 6) and the noise (draw 7).
+        """
+    def dist_matching_term(self, f, v_fake, v_real):
+        """§3.6: the term from the model's fake (−τ) and real (+τ) velocities at x_τ.
+        """
+    def enhance(self, target, t, v_c, v_u):
+        """§3.3 in place on ``target`` from the teacher's conditional and unconditional velocities.
+        """
+    def enhance_rows(self, has_uncond):
+        """The rows of the guidance-enhanced target (teacher calls 3, 4), or None.
+        """
+    @property
+    def fake_rows(self) -> Any:
+        """The rows replaced by one-step fakes (call 1), or None.
+        """
+    def finish(self, base, dm, lw):
+        """(loss, stats): loss = base + dm (dm None: 0); FloatingPointError when it is NaN or Inf.
+        """
+    def gamma_boost(self, g, u, a):
+        """Gamma(a < 1) = Gamma(a + 1)·U^(1/a).
+        """
+    def gamma_round(self, out, pending, x, u, a):
+        """One Marsaglia–Tsang round: writes the accepted rows into ``out``, returns the pending.
+        """
+    def gamma_start(self, n):
+        """The start of a Gamma(a ≥ 1) draw of n values: (values, pending rows).
+        """
+    def noisy_inputs(self, data, z, t, tt):
+        """(x_t, target) from the noise z; flips the adv rows of t and tt to −t in place.
+        """
+    def rcgm(self, x_t, target, f, t, tt):
+        """§3.4: ``(walk, teacher)`` — the RCGM walk and whether it calls the teacher (else the
+        online model) — or None when the term does not run; ``f`` detached, compute kind.
+        """
+    @property
+    def rcgm_rows(self) -> Any:
+        """The rows of the RCGM walk.
+        """
+    @property
+    def rows(self) -> Any:
+        """The batch size.
+        """
+    @property
+    def runs(self) -> Any:
+        """The four runs (e2e, mul, any, adv) as ``(start, stop)``.
+        """
+    def set_rcgm_target(self, target, walk):
+        """The walk's target into ``target``, in place.
+        """
+    @property
+    def time_dist_ctrl(self) -> Any:
+        """``time_dist_ctrl`` (β1, β2, scale): t ~ U(0, 1) when β1 = β2 = 1, else Beta(β1, β2).
+        """
+    def times(self, raw, u, u2):
+        """§3.1: (t, tt) from the draw of t and the uniforms u, u2.
+        """
+    def weighted_loss(self, f, target, t, tt):
+        """§3.5: (L·w per row, base term); ``f`` the graded prediction in the compute kind.
+        """
+    def with_fakes(self, x, z=None, f=None):
+        """The data in the compute kind, the fake rows replaced by z − f (both None: no fakes).
+        """
+
 RUN_NAMES: tuple
+
+class Rcgm:
+    """The RCGM walk (docs/algorithm.md §3.4): ``next()`` gives the inputs ``(x, s, s_next)`` of
+    the next teacher call (None after the N-th), ``give(velocity)`` takes its output.
+
+    Example:
+        >>> x = torch.zeros(8, 2)
+        >>> plan = TwinFlowObjective("twinflow").plan(x)
+        >>> t = torch.full((8,), 0.5)
+        >>> walk, from_teacher = plan.rcgm(x, x, x, t, t * 0.5)
+        >>> calls = 0
+        >>> while (inputs := walk.next()) is not None:
+        ...     calls += 1
+        ...     walk.give(torch.zeros_like(inputs[0]))
+        >>> calls, from_teacher
+        (2, True)
+    """
+    def give(self, velocity):
+        """The teacher's velocity at the inputs ``next()`` gave (compute dtype).
+        """
+    def next(self):
+        """The inputs ``(x, s, s_next)`` of the next teacher call; None after the N-th.
+        """
 
 SAMPLER_SETTINGS: list
 
@@ -241,32 +349,16 @@ class TwinFlowObjective:
         recipe: ``"twinflow"``, ``"rcgm"`` or ``"flow_matching"``.
         **settings: overrides, any of ``LOSS_SETTINGS`` (None keeps the recipe's value).
 
-    Calling it, ``obj(model, x, cond=None, uncond=None, teacher=None, generator=None,
-    batch_calls=True)``, runs one step and returns ``(loss, stats, model_calls)``:
-
-        model: ``model(x_t, t=t, tt=tt, c=cond_rows)`` returning the velocity.
-        x: the batch, rows first (floating point, finite).
-        cond, uncond: lists of batch-first tensors (``uncond`` enables the enhanced target).
-        teacher: called for the teacher's terms (the online model when None).
-        generator: the ``torch.Generator`` of every random draw (global RNG when None).
-        batch_calls: run independent no-grad calls (teacher cond + uncond; the two
-            distribution-matching calls) as one call each; False for models whose rows
-            are not independent (BatchNorm in training mode).
-        stats: a tensor in ``STAT_NAMES`` order.
+    ``obj.plan(x, cond, uncond)`` gives the parts of one step (:class:`Plan`);
+    ``twinflow.objective.training_step`` runs them, making the model calls and the random draws
+    between them (docs/training.md).
 
     Example:
-        >>> net = torch.nn.Linear(4, 4)
-        >>> model = lambda x, t, tt, c=None: net(x)  # a velocity model that ignores the times
         >>> obj = TwinFlowObjective("rcgm", estimate_order=3)
-        >>> loss, stats, calls = obj(model, torch.randn(8, 4))
-        >>> loss.backward()  # gradients reach net
-        >>> net.weight.grad is not None, len(stats) == len(STAT_NAMES)
-        (True, True)
+        >>> obj.to_dict()["estimate_order"], obj.needs_teacher
+        (3, True)
     """
     def __init__(self, recipe="twinflow", **settings) -> None: ...
-    def __call__(self, /, *args, **kwargs):
-        """Call self as a function.
-        """
     @property
     def ema_decay_rate(self) -> Any:
         """The target EMA decay emd of the teacher.
@@ -274,6 +366,11 @@ class TwinFlowObjective:
     @property
     def needs_teacher(self) -> Any:
         """Whether a step calls the teacher at all (else no teacher copy is needed).
+        """
+    def plan(self, x, cond=None, uncond=None):
+        """The parts of one step on batch ``x`` (validated: floating point, finite, a batch
+        dimension; ``cond``/``uncond``: lists of batch-first tensors or None), for
+        ``twinflow.objective.training_step``, which makes the model calls and draws between them.
         """
     def to_dict(self):
         """The settings as a dict of TwinFlowLoss keywords.

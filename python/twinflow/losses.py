@@ -1,7 +1,8 @@
 """The TwinFlow training objective (docs/algorithm.md §3) for any PyTorch training loop.
 
-The loss itself runs in the Rust core (``twinflow._core.TwinFlowObjective``); this module
-keeps the teacher (:class:`twinflow.ema.EmaTeacher`) and the last step's diagnostics.
+The step is :func:`twinflow.objective.training_step` (Python makes the model calls and the
+random draws, the Rust core's ``Plan`` does the arithmetic); this module keeps the teacher
+(:class:`twinflow.ema.EmaTeacher`) and the last step's diagnostics.
 The settings are declared once, in Rust: ``_core.LOSS_SETTINGS`` (name, type, default,
 bounds, doc), shown in ``TwinFlowLoss.__doc__``. Conventions (call order, random draws,
 dtypes): docs/training.md.
@@ -16,6 +17,7 @@ import torch
 from ._core import LOSS_SETTINGS, STAT_NAMES, TwinFlowObjective, barron_loss, l2_loss, split_sub_batches, time_weight
 from ._random import check_generator
 from .ema import EmaTeacher
+from .objective import training_step
 
 __all__ = ["TwinFlowLoss", "EmaTeacher", "LOSS_SETTINGS", "barron_loss", "l2_loss", "split_sub_batches",
            "time_weight"]
@@ -115,7 +117,8 @@ class TwinFlowLoss:
                 self.ema.online_params, self.ema.online_buffers = list(model.parameters()), list(model.buffers())
                 decay = self.ema.update()
             teacher = self.ema.module
-        loss, stats, calls = self._objective(model, x, cond, uncond, teacher, generator, self.batch_calls)
+        loss, stats, calls = training_step(self._objective, model, x, cond, uncond, teacher, generator,
+                                           self.batch_calls)
         self._last = (stats, calls, decay)
         return loss
 

@@ -2,8 +2,8 @@
 //! No algorithm lives here.
 
 mod args;
-mod callbacks;
 mod sampler;
+mod step;
 mod train;
 
 use pyo3::exceptions::PyValueError;

@@ -1,18 +1,18 @@
 //! `TwinFlowObjective` (the Rust half of `twinflow.TwinFlowLoss`) and the loss functions.
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyString, PyTuple};
 use pyo3_tch::PyTensor;
 use tch::Tensor;
 
 use super::args::{float_arg, floats_arg, int_arg, tensor_arg, to_pyerr, type_name};
-use super::callbacks::{PyRng, PyTrainModel};
-use crate::error::{all_finite, Error};
+use super::step::PyPlan;
+use crate::error::all_finite;
 use crate::sampler::is_float;
 use crate::train::config::{loss_setting, LossKind, ObjectiveConfig, Setting, SettingType, LOSS_SETTINGS};
 use crate::train::ema::{ema_update, EmaSchedule};
-use crate::train::{loss, split, training_step, STAT_NAMES};
+use crate::train::{loss, split, Plan, STAT_NAMES};
 
 const RUNS: [&str; 4] = split::RUN_NAMES;
 
@@ -203,27 +203,14 @@ fn batch_arg(x: &Bound<'_, PyAny>) -> PyResult<Tensor> {
 ///     recipe: ``"twinflow"``, ``"rcgm"`` or ``"flow_matching"``.
 ///     **settings: overrides, any of ``LOSS_SETTINGS`` (None keeps the recipe's value).
 ///
-/// Calling it, ``obj(model, x, cond=None, uncond=None, teacher=None, generator=None,
-/// batch_calls=True)``, runs one step and returns ``(loss, stats, model_calls)``:
-///
-///     model: ``model(x_t, t=t, tt=tt, c=cond_rows)`` returning the velocity.
-///     x: the batch, rows first (floating point, finite).
-///     cond, uncond: lists of batch-first tensors (``uncond`` enables the enhanced target).
-///     teacher: called for the teacher's terms (the online model when None).
-///     generator: the ``torch.Generator`` of every random draw (global RNG when None).
-///     batch_calls: run independent no-grad calls (teacher cond + uncond; the two
-///         distribution-matching calls) as one call each; False for models whose rows
-///         are not independent (BatchNorm in training mode).
-///     stats: a tensor in ``STAT_NAMES`` order.
+/// ``obj.plan(x, cond, uncond)`` gives the parts of one step (:class:`Plan`);
+/// ``twinflow.objective.training_step`` runs them, making the model calls and the random draws
+/// between them (docs/training.md).
 ///
 /// Example:
-///     >>> net = torch.nn.Linear(4, 4)
-///     >>> model = lambda x, t, tt, c=None: net(x)  # a velocity model that ignores the times
 ///     >>> obj = TwinFlowObjective("rcgm", estimate_order=3)
-///     >>> loss, stats, calls = obj(model, torch.randn(8, 4))
-///     >>> loss.backward()  # gradients reach net
-///     >>> net.weight.grad is not None, len(stats) == len(STAT_NAMES)
-///     (True, True)
+///     >>> obj.to_dict()["estimate_order"], obj.needs_teacher
+///     (3, True)
 #[pyclass(name = "TwinFlowObjective", module = "twinflow._core")]
 pub struct PyObjective {
     cfg: ObjectiveConfig,
@@ -239,54 +226,16 @@ impl PyObjective {
         Ok(Self { cfg })
     }
 
-    /// One step's loss (see the class docs).
-    #[pyo3(signature = (model, x, cond=None, uncond=None, teacher=None, generator=None, batch_calls=true))]
-    #[allow(clippy::too_many_arguments)]
-    fn __call__(
-        &self,
-        py: Python<'_>,
-        model: &Bound<'_, PyAny>,
-        x: &Bound<'_, PyAny>,
-        cond: Option<&Bound<'_, PyAny>>,
-        uncond: Option<&Bound<'_, PyAny>>,
-        teacher: Option<&Bound<'_, PyAny>>,
-        generator: Option<Bound<'_, PyAny>>,
-        batch_calls: bool,
-    ) -> PyResult<(PyTensor, PyTensor, usize)> {
+    /// The parts of one step on batch ``x`` (validated: floating point, finite, a batch
+    /// dimension; ``cond``/``uncond``: lists of batch-first tensors or None), for
+    /// ``twinflow.objective.training_step``, which makes the model calls and draws between them.
+    #[pyo3(signature = (x, cond=None, uncond=None), text_signature = "(self, x, cond=None, uncond=None)")]
+    fn plan(&self, x: &Bound<'_, PyAny>, cond: Option<&Bound<'_, PyAny>>, uncond: Option<&Bound<'_, PyAny>>) -> PyResult<PyPlan> {
         let xt = batch_arg(x)?;
-        if !model.is_callable() {
-            return Err(PyTypeError::new_err(format!("model must be callable, got {}", type_name(model))));
-        }
-        let teacher = teacher.filter(|t| !t.is_none());
-        if let Some(t) = teacher {
-            if !t.is_callable() {
-                return Err(PyTypeError::new_err(format!("teacher must be callable, got {}", type_name(t))));
-            }
-        }
         let b = xt.size()[0];
-        let mut m = PyTrainModel {
-            model: model.clone().unbind(),
-            teacher: teacher.map(|t| t.clone().unbind()),
-            cond: cond_arg(cond, "cond", b)?,
-            uncond: cond_arg(uncond, "uncond", b)?,
-            err: None,
-            calls: 0,
-        };
-        let has_uncond = m.uncond.is_some();
-        let mut rng = PyRng::new(generator);
-        let cfg = &self.cfg;
-        let (res, m, rng) = py.allow_threads(move || {
-            let res = training_step(cfg, &mut m, &mut rng, &xt, has_uncond, batch_calls);
-            (res, m, rng)
-        });
-        match res {
-            Ok(out) if !all_finite(&out.loss).map_err(to_pyerr)? => Err(to_pyerr(Error::NonFinite(
-                "TwinFlowLoss: the loss is NaN or Inf (a model output is not finite, or the values overflowed)".into(),
-            ))),
-            Ok(out) => Ok((PyTensor(out.loss), PyTensor(out.stats), m.calls)),
-            Err(Error::Callback(_)) => Err(m.err.or(rng.err).unwrap_or_else(|| PyRuntimeError::new_err("a callback failed"))),
-            Err(e) => Err(to_pyerr(e)),
-        }
+        cond_arg(cond, "cond", b)?;
+        cond_arg(uncond, "uncond", b)?;
+        Ok(PyPlan { inner: Plan::new(&self.cfg, &xt).map_err(to_pyerr)? })
     }
 
     /// Whether a step calls the teacher at all (else no teacher copy is needed).
@@ -410,6 +359,8 @@ impl PyEmaSchedule {
 /// Adds the objective's classes, functions and tables to ``twinflow._core``.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyObjective>()?;
+    m.add_class::<PyPlan>()?;
+    m.add_class::<super::step::PyRcgm>()?;
     m.add_class::<PyEmaSchedule>()?;
     m.add_function(wrap_pyfunction!(l2_loss, m)?)?;
     m.add_function(wrap_pyfunction!(barron_loss, m)?)?;

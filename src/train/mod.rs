@@ -1,5 +1,5 @@
 //! The TwinFlow training objective (docs/algorithm.md §3): sub-batches, times, targets, losses, EMA and
-//! the step that orchestrates them through a [`step::TrainModel`].
+//! the step's parts on a [`Plan`]; Python (`twinflow.objective.training_step`) drives them.
 
 pub mod config;
 pub mod ema;
@@ -11,4 +11,4 @@ pub mod time;
 
 pub use config::{LossKind, ObjectiveConfig};
 pub use split::{split_sub_batches, RUN_NAMES};
-pub use objective::{training_step, Call, CondKind, Net, Part, StepOutput, TrainModel, STAT_NAMES};
+pub use objective::{Net, Plan, STAT_NAMES};
