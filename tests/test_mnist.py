@@ -387,3 +387,15 @@ def test_cli_sigterm_checkpoints_then_resumes(tmp_path):
     r = _cli(*base, "--max-steps", str(step + 2))
     assert r.returncode == 0 and "(resumed)" in r.stdout, r.stdout + r.stderr
     assert json.loads((out / "config.json").read_text())["progress"]["step"] == step + 2
+
+
+def test_progress_bar_shows_each_steps_loss(tmp_path, capsys):
+    """The bar's loss is the step's own (it was set every 25 steps, so a short run showed
+    step 1's loss to the end)."""
+    import re
+
+    losses = []
+    train(_settings(max_steps=4), tmp_path / "run", progress=True,
+          on_step=lambda step, stats: losses.append(stats["loss"]))
+    shown = re.findall(r"loss=([-0-9.eE+na]+)", capsys.readouterr().err)
+    assert shown and shown[-1] == f"{losses[-1]:.4f}", (shown, losses)

@@ -60,3 +60,22 @@ def test_tiny_pipeline_command(tmp_path, capsys):
         assert torch.equal(loaded.transformer.state_dict()[k], v), "seeded: the same call, the same weights"
     assert main(["tiny-pipeline", "--output-dir", str(tmp_path / "p")]) == 1  # not empty: refused
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_train_progress_bar_shows_each_steps_loss(tmp_path, capsys):
+    """The bar's loss is the step's own, not the one of the last log_every step."""
+    import json
+
+    from twinflow.cli import main
+
+    assert main(["tiny-pipeline", "--model", "sd3", "--output-dir", str(tmp_path / "p"), "--quiet"]) == 0
+    (tmp_path / "prompts.txt").write_text("a red cat\na blue dog\na green bird\na white fox\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", "smoke_sd3", "--dataset-path", str(tmp_path / "prompts.txt"),
+                 "--output-dir", str(out), "--set", f"model.pretrained_model_name_or_path={tmp_path / 'p'}",
+                 "--set", "training.max_steps=3", "--set", "training.log_every=100",
+                 "--set", "training.sample_every=100", "--set", "training.checkpoint_every=100"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shown = re.findall(r"loss=([-0-9.eE+na]+)", capsys.readouterr().err)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert shown and shown[-1] == f"{rows[-1]['loss']:.4g}", (shown, [r["loss"] for r in rows])

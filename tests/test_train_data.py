@@ -97,3 +97,29 @@ def test_ranks_shard_the_data_and_resume_skips():
     assert full != shards[1]  # a new order per epoch
     s.set_epoch(1, skip=2)
     assert list(s) == full[2:] and len(s) == 3
+
+
+@pytest.mark.parametrize("text,why", [
+    ('{"prompt": "a cat", "image": "1.png"}\n{"prompt": "a dog", "image": "2.png"}\n', "JSON"),
+    ("1.png\ta cat\n2.png\ta dog\n3.png\ta bird\n", "tab-separated"),
+    ("torch==2.13.0\nnumpy>=2\ndiffusers>=0.37.0\n", "requirements"),
+    ("lr=1e-4\nbatch_size=4\nsteps=10\n", "config"),
+    ("word " * 1000 + "\n", "characters"),
+])
+def test_a_text_file_that_is_not_prompts_is_refused(tmp_path, text, why):
+    from twinflow.training.data import PromptsDataset
+
+    path = tmp_path / "data.txt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"line 1 does not look like a prompt") as e:
+        PromptsDataset(path)
+    assert why in str(e.value) and "data.txt" in str(e.value)
+
+
+def test_prompts_with_commas_equals_and_brackets_are_prompts(tmp_path):
+    from twinflow.training.data import PromptsDataset
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat, sitting on a mat, photorealistic\n\n[style] a = b poster of a dog\n"
+                    "a bird {watercolor}\n")
+    assert PromptsDataset(path).prompts[0] == "a cat, sitting on a mat, photorealistic"

@@ -13,7 +13,9 @@ and read those blobs. Sharding across ranks: ``DistributedSampler``.
 from __future__ import annotations
 
 import io
+import json
 import pathlib
+import re
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -144,6 +146,38 @@ class FolderDataset(Dataset):
                 "text": p.with_suffix(".txt").read_text().strip()}
 
 
+# A prompts file is checked on its first lines: one that is really something else (JSON lines,
+# a table, a requirements or config file, a document) must not train silently as prompts.
+_CHECKED_LINES = 20
+_MAX_PROMPT_CHARS = 2000
+_SPEC_LINE = re.compile(r"^[\w.\-\[\]]+\s*(==|>=|<=|~=|!=|=)\s*\S+$")
+
+
+def _check_prompts(path, lines) -> None:
+    """ValueError naming the first line that shows the file is not one prompt per line."""
+    def refuse(n, why):
+        raise ValueError(f"{path}: line {n} does not look like a prompt ({why}); a prompts file has one "
+                         "prompt per line (captions with images: an image folder or a parquet)")
+
+    for n, line in enumerate(lines, 1):
+        if len(line) > _MAX_PROMPT_CHARS:
+            refuse(n, f"{len(line)} characters")
+        if any(ord(ch) < 32 and ch != "\t" for ch in line):
+            refuse(n, "control characters: not text")
+        if line[0] in "{[":
+            try:
+                json.loads(line)
+            except ValueError:
+                pass
+            else:
+                refuse(n, "a JSON value")
+    if len(lines) >= 2 and all("\t" in line for line in lines) and len({line.count("\t") for line in lines}) == 1:
+        refuse(1, "tab-separated columns: a table")
+    specs = [n for n, line in enumerate(lines, 1) if _SPEC_LINE.match(line)]
+    if len(specs) * 2 > len(lines):
+        refuse(specs[0], "name=value or a package pin: a config or requirements file")
+
+
 class PromptsDataset(Dataset):
     """A text file with one prompt per line (blank lines skipped): image-free training."""
 
@@ -155,6 +189,7 @@ class PromptsDataset(Dataset):
         self.prompts = [line.strip() for line in lines if line.strip()]
         if not self.prompts:
             raise ValueError(f"{path}: no prompts (one per line expected)")
+        _check_prompts(path, self.prompts[:_CHECKED_LINES])
 
     def __len__(self) -> int:
         return len(self.prompts)

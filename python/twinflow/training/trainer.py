@@ -476,10 +476,10 @@ class Trainer:
                     if self.tb is not None:
                         for k, v in stats.items():
                             self.tb.add_scalar(f"train/{k}", v, self.step)
+                # This step's numbers (tqdm redraws at its own pace): never a stale loss.
+                bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4g}", img_s=f"{stats['images_per_s']:.3g}",
+                                mem=f"{stats['memory_mib']:.0f}MiB", refresh=False)
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == 1:
-                    bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4g}",
-                                    img_s=f"{stats['images_per_s']:.3g}", mem=f"{stats['memory_mib']:.0f}MiB")
                 if self.step % t.checkpoint_every == 0 or self.step == self.total_steps:
                     self.save()
                 if self.step % t.sample_every == 0 or self.step == self.total_steps:

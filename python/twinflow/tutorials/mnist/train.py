@@ -314,9 +314,9 @@ def train(settings: TrainSettings, output_dir, data_dir=None, device="cpu", resu
             run.ema_update(min(s.ema_decay, (1 + p["step"]) / (10 + p["step"])))
             p["elapsed_s"] += time.perf_counter() - t0
             stats = run.loss_fn.last_stats
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", epoch=p["epoch"], refresh=False)  # this step's
             bar.update(1)
             if p["step"] % 25 == 0 or p["step"] == 1:
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", epoch=p["epoch"])
                 with open(log, "a") as f:
                     f.write(json.dumps({"step": p["step"], "elapsed_s": round(p["elapsed_s"], 2),
                                         **{k: v for k, v in stats.items() if isinstance(v, (int, float))}}) + "\n")
