@@ -10,7 +10,7 @@ Without a target time (``None``) tt = t.
 One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``, ``openuni``) holds everything
 specific to it in one ``Backbone`` object, ``BACKBONE`` (classes, time mapping, aux keys and
 initialisation, pipeline call arguments, training glue; see ``_backbone.py``), and exposes
-``AUX_PREFIX``, ``patch(transformer, mode="aux" | "lora")`` and ``unpatch``. ``MODELS`` below
+``AUX_PREFIX``, ``patch(transformer, mode="aux" | "lora")`` and ``unpatch``. ``BACKBONES`` below
 is the one registry of backbones: every other module asks it (``backbone(name)``). Adding a
 backbone is adding its module and one line here.
 """
@@ -35,7 +35,7 @@ from ._common import TT_ATTR, is_patched
 #: The registry: backbone name → the module defining its ``BACKBONE`` (a module of this
 #: package, or a full dotted module path). Importing a backbone module does not import
 #: diffusers, so listing names stays cheap.
-MODELS = {
+BACKBONES = {
     "qwen-image": "qwen_image",
     "z-image": "z_image",
     "sd3": "sd3",
@@ -43,21 +43,21 @@ MODELS = {
     "openuni": "openuni",
 }
 
-__all__ = ["MODELS", "Backbone", "backbone", "backbones", "canonical_name", "module_for", "patch",
+__all__ = ["BACKBONES", "Backbone", "backbone", "backbones", "canonical_name", "module_for", "patch",
            "set_target_time", "is_patched"]
 
 
 def canonical_name(model: str) -> str:
     """The registry name of `model` ("Z_Image" → "z-image"); ValueError naming the choices."""
     key = model.lower().replace("_", "-") if isinstance(model, str) else model
-    if key not in MODELS:
-        raise ValueError(f"model: unknown backbone {model!r}, expected one of {sorted(MODELS)}")
+    if key not in BACKBONES:
+        raise ValueError(f"model: unknown backbone {model!r}, expected one of {sorted(BACKBONES)}")
     return key
 
 
 def module_for(model: str):
     """The module of a backbone name ("qwen-image", "z-image", "sd3", "sana", "openuni")."""
-    module = MODELS[canonical_name(model)]
+    module = BACKBONES[canonical_name(model)]
     return importlib.import_module(module if "." in module else f"{__name__}.{module}")
 
 
@@ -68,7 +68,7 @@ def backbone(model: str) -> Backbone:
 
 def backbones() -> Dict[str, Backbone]:
     """{name: Backbone} for every registered backbone, in registry order."""
-    return {name: backbone(name) for name in MODELS}
+    return {name: backbone(name) for name in BACKBONES}
 
 
 def patch(transformer: torch.nn.Module, model: str, mode: str = "aux") -> torch.nn.Module:
@@ -90,3 +90,13 @@ def set_target_time(transformer: torch.nn.Module, tt) -> None:
                             f"got {type(tt).__name__}")
         tt = weakref.ref(tt)
     object.__setattr__(transformer, TT_ATTR, tt)
+
+
+def __getattr__(name):
+    # The registry's old name (until 2026-12): one name now, BACKBONES.
+    if name == "MODELS":
+        import warnings
+
+        warnings.warn("diffusers_patch.MODELS is now diffusers_patch.BACKBONES", DeprecationWarning, stacklevel=2)
+        return BACKBONES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,7 @@ import tiny_pipelines  # noqa: E402
 from tiny_pipelines import one_thread  # noqa: E402,F401 (autouse fixture)
 import twinflow  # noqa: E402
 from twinflow.cli import main  # noqa: E402
-from twinflow.pipelines import MODELS  # noqa: E402
+from twinflow.diffusers_patch import backbone  # noqa: E402
 
 SIZE = tiny_pipelines.TEST_SIZE
 
@@ -41,7 +41,7 @@ def pixels(path):
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-@pytest.mark.parametrize("model", tiny_pipelines.MODELS)
+@pytest.mark.parametrize("model", tiny_pipelines.BACKBONES)
 def test_generate_writes_png_and_settings(model, tmp_path):
     assert main(argv(model, tmp_path, "--prompt", "a cat dancing", "--steps", "1", "--seed", "3")) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000-00.json", "000-00.png"]
@@ -59,8 +59,8 @@ def test_generate_writes_png_and_settings(model, tmp_path):
     pipe = twinflow.load_pipeline(tiny_pipelines.saved_pipeline(model, "aux"), model)
     pipe.set_progress_bar_config(disable=True)
     want = pipe(prompt="a cat dancing", height=SIZE, width=SIZE, num_inference_steps=1, output_type="pil",
-                generator=torch.Generator().manual_seed(3), **{MODELS[model].cfg_kwarg: 1.0},
-                **dict(MODELS[model].exact_size)).images[0]
+                generator=torch.Generator().manual_seed(3), **{backbone(model).cfg_kwarg: 1.0},
+                **dict(backbone(model).exact_size)).images[0]
     assert np.array_equal(img, np.asarray(want))
 
 

@@ -34,14 +34,14 @@ import tiny_pipelines  # noqa: E402
 from checks import expect_error  # noqa: E402
 from tiny_pipelines import one_thread  # noqa: E402,F401 (autouse fixture)
 from twinflow import load_pipeline  # noqa: E402
-from twinflow.pipelines import MODELS  # noqa: E402
+from twinflow.diffusers_patch import backbone  # noqa: E402
 
 SIZE = tiny_pipelines.TEST_SIZE
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def generate(pipe, model):
-    extra = {MODELS[model].cfg_kwarg: 1.0, **dict(MODELS[model].exact_size)}
+    extra = {backbone(model).cfg_kwarg: 1.0, **dict(backbone(model).exact_size)}
     if model == "sana":
         extra["complex_human_instruction"] = None
     pipe.set_progress_bar_config(disable=True)
@@ -68,7 +68,7 @@ def wrapper_transformer_folder(model, dst: pathlib.Path) -> pathlib.Path:
 # ----------------------------------------------------------------------------- published layouts
 
 @pytest.mark.exact
-@pytest.mark.parametrize("model", tiny_pipelines.MODELS)
+@pytest.mark.parametrize("model", tiny_pipelines.BACKBONES)
 def test_wrapper_transformer_alone_with_a_base_pipeline(model, tmp_path, caplog):
     want = generate(quiet_load(tiny_pipelines.saved_pipeline(model, "aux"), model), model)
     tdir = wrapper_transformer_folder(model, tmp_path / "published-transformer")
@@ -76,7 +76,7 @@ def test_wrapper_transformer_alone_with_a_base_pipeline(model, tmp_path, caplog)
         pipe = quiet_load(tiny_pipelines.saved_pipeline(model, "stock"), model, transformer=tdir)
     assert any("Wrapper" in r.getMessage() and "published TwinFlow training wrapper" in r.getMessage()
                for r in caplog.records)
-    assert type(pipe.transformer).__name__ == MODELS[model].transformer
+    assert type(pipe.transformer).__name__ == backbone(model).transformer_class_name
     assert torch.equal(generate(pipe, model), want)
 
 

@@ -42,9 +42,9 @@ from checks import expect_error  # noqa: E402
 from twinflow.diffusers_patch._common import TT_ATTR  # noqa: E402
 from twinflow import (TwinFlowPresetScheduler, TwinFlowScheduler, UnifiedSampler, load_pipeline,  # noqa: E402
                       preset_for_steps, scheduler_for_steps)
-from twinflow.pipelines import MODELS  # noqa: E402
+from twinflow.diffusers_patch import backbone  # noqa: E402
 
-ALL = tiny_pipelines.MODELS
+ALL = tiny_pipelines.BACKBONES
 SIZE = tiny_pipelines.TEST_SIZE
 
 
@@ -59,7 +59,7 @@ def load(model, layout="aux", **kw):
 
 def generate(pipe, model, steps, seed=0, **kw):
     """One image as a [1, 3, H, W] tensor, no classifier-free guidance (one transformer row)."""
-    extra = {MODELS[model].cfg_kwarg: 1.0, **dict(MODELS[model].exact_size)}
+    extra = {backbone(model).cfg_kwarg: 1.0, **dict(backbone(model).exact_size)}
     if model == "sana":
         extra["complex_human_instruction"] = None  # a 2k-character preamble: slow and irrelevant here
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_preset_for_steps_mapping():
 @pytest.mark.parametrize("model", ALL)
 def test_load_installs_a_wired_preset_scheduler_and_nfe_per_step_count(model):
     pipe = load(model)
-    assert type(pipe).__name__ == MODELS[model].pipeline
+    assert type(pipe).__name__ == backbone(model).pipeline_class_name
     assert isinstance(pipe.scheduler, TwinFlowPresetScheduler) and isinstance(pipe.scheduler, TwinFlowScheduler)
     assert diffusers_patch.is_patched(pipe.transformer)
     assert getattr(pipe.transformer, TT_ATTR)() is pipe, "wired (weakly) to the pipeline: its scheduler at call time"

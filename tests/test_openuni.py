@@ -240,11 +240,12 @@ def test_time_embedding_matches_the_published_wrapper_in_float64():
 
 @pytest.mark.parametrize("mode", ["aux", "lora"])
 def test_signed_fake_times_reach_the_network(mode):
-    from twinflow.training.models import FAMILIES, TwinFlowModel
+    from twinflow.diffusers_patch import backbone
+    from twinflow.training.models import TwinFlowModel
 
     pipe = build_openuni()
     diffusers_patch.patch(pipe.transformer, "openuni", mode=mode)
-    family = FAMILIES["openuni"]
+    family = backbone("openuni")
     net = TwinFlowModel(pipe.transformer, family).eval()
     with torch.no_grad():
         emb = family.encode_text(pipe, ["a cat", "a dog"], torch.device("cpu"))

@@ -42,7 +42,7 @@ from checks import expect_error  # noqa: E402
 from twinflow.diffusers_patch._common import target_time  # noqa: E402
 from tiny_pipelines import one_thread  # noqa: E402,F401 (autouse fixture)
 from twinflow import TwinFlowPresetScheduler, TwinFlowScheduler, load_pipeline  # noqa: E402
-from twinflow.pipelines import MODELS  # noqa: E402
+from twinflow.diffusers_patch import backbone  # noqa: E402
 
 SIZE = tiny_pipelines.TEST_SIZE
 TWO = ("sd3", "sana")  # two backbones with different time embedders (SD3: pooled text; Sana: AdaLN-single)
@@ -57,7 +57,7 @@ def load(folder, model=None, **kw):
 
 
 def latents(pipe, model, steps=3, seed=0, **kw):
-    extra = {MODELS[model].cfg_kwarg: 1.0, **dict(MODELS[model].exact_size)}
+    extra = {backbone(model).cfg_kwarg: 1.0, **dict(backbone(model).exact_size)}
     if model == "sana":
         extra["complex_human_instruction"] = None
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_saved_pipeline_records_what_it_is(model, mode, tmp_path):
     record = {"format": 1, "backbone": model, "mode": mode}
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_twinflow"] == record
-    assert index["transformer"] == ["twinflow.saved_format", MODELS[model].transformer]  # refuses plain loads
+    assert index["transformer"] == ["twinflow.saved_format", backbone(model).transformer_class_name]  # refuses plain loads
     assert json.loads((tmp_path / "transformer" / "config.json").read_text())["_twinflow"] == record
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about: the record says what to expect

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from twinflow import diffusers_patch  # noqa: E402
-from tiny_pipelines import MODELS, build_transformer, one_thread  # noqa: E402,F401
+from tiny_pipelines import BACKBONES, build_transformer, one_thread  # noqa: E402,F401
 from twinflow.training.models import TwinFlowModel  # noqa: E402
 
 F64 = torch.float64
@@ -98,7 +98,7 @@ def _patched(model, mode="aux"):
     return transformer
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", BACKBONES)
 def test_time_embedding_matches_the_published_formula(model):
     m = _patched(model)
     t = torch.tensor([p[0] for p in PAIRS])
@@ -157,7 +157,7 @@ def _inputs(model, transformer):
 
 
 @pytest.mark.parametrize("mode", ["aux", "lora"])
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", BACKBONES)
 def test_fake_rows_reach_the_network_differently(model, mode):
     transformer = _patched(model, mode)
     net = TwinFlowModel(transformer, diffusers_patch.backbone(model))
@@ -196,7 +196,7 @@ def test_z_image_training_call_feeds_the_published_model_time():
 
 # ----------------------------------------------------------------------------- aux initialisation
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", BACKBONES)
 def test_aux_embedder_initialisation_is_the_published_one(model):
     bb = diffusers_patch.backbone(model)
     torch.manual_seed(123)

@@ -23,7 +23,8 @@ from tiny_pipelines import TEST_SIZE, build, tiny_threads  # noqa: E402
 
 from twinflow import diffusers_patch  # noqa: E402
 from twinflow import TwinFlowLoss, TwinFlowScheduler, UnifiedSampler  # noqa: E402
-from twinflow.training.models import FAMILIES, TwinFlowModel  # noqa: E402
+from twinflow.diffusers_patch import BACKBONES, backbone  # noqa: E402
+from twinflow.training.models import TwinFlowModel  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -56,9 +57,9 @@ def _pipeline_latents(pipe, model, noise):
     return noise
 
 
-@pytest.mark.parametrize("model", sorted(set(FAMILIES) - {"openuni"}))  # OpenUni: test_train_openuni.py
+@pytest.mark.parametrize("model", sorted(set(BACKBONES) - {"openuni"}))  # OpenUni: test_train_openuni.py
 def test_model_call_matches_stock_pipeline(model):
-    family = FAMILIES[model]
+    family = backbone(model)
     pipe = build(model)
     diffusers_patch.patch(pipe.transformer, model)
     with torch.no_grad():  # a trained-looking aux embedder, so that tt = 0 matters
@@ -84,7 +85,7 @@ def test_model_call_matches_stock_pipeline(model):
 
 @pytest.mark.parametrize("model", ["sana", "z-image"])  # SD3 and Qwen-Image train end to end in test_train_e2e
 def test_one_training_step(model):
-    family = FAMILIES[model]
+    family = backbone(model)
     pipe = build(model)
     diffusers_patch.patch(pipe.transformer, model)
     net = TwinFlowModel(pipe.transformer, family).train()
@@ -122,7 +123,7 @@ def test_one_lora_training_step_with_the_published_targets(model):
     from twinflow.training.config import load_config
     from twinflow.training.models import add_lora
 
-    family = FAMILIES[model]
+    family = backbone(model)
     cfg = load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{CONFIG[model]}_lora_1order.yaml",
                       ["lora.rank=4", "lora.alpha=4"])
     pipe = build(model)

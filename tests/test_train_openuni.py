@@ -122,11 +122,12 @@ def test_image_free_training_on_prompts_only(env, capsys):
 
 def test_image_free_loss_does_not_read_x():
     from twinflow import TwinFlowLoss
-    from twinflow.training.models import FAMILIES, TwinFlowModel
+    from twinflow.diffusers_patch import backbone
+    from twinflow.training.models import TwinFlowModel
 
     pipe = build_openuni()
     diffusers_patch.patch(pipe.transformer, "openuni")
-    family = FAMILIES["openuni"]
+    family = backbone("openuni")
     net = TwinFlowModel(pipe.transformer, family)
     with torch.no_grad():
         emb = family.encode_text(pipe, [f"p {i}" for i in range(4)], torch.device("cpu"))
@@ -148,7 +149,8 @@ def test_model_call_matches_the_pipeline():
     """UnifiedSampler through TwinFlowModel on the trainer's text embeddings = OpenUniPipeline
     with the patched transformer and a TwinFlowScheduler of the same settings (tt = 0 ≠ t)."""
     from twinflow import TwinFlowScheduler, UnifiedSampler
-    from twinflow.training.models import FAMILIES, TwinFlowModel
+    from twinflow.diffusers_patch import backbone
+    from twinflow.training.models import TwinFlowModel
 
     settings = dict(stochast_ratio=0.0, rfba_gap_steps=(0.001, 0.6), sampling_style="few")
     pipe = build_openuni()
@@ -159,7 +161,7 @@ def test_model_call_matches_the_pipeline():
     pipe.scheduler = TwinFlowScheduler(**settings)
     diffusers_patch.set_target_time(pipe.transformer, pipe.scheduler)
     noise = torch.randn(1, 4, TEST_SIZE // 2, TEST_SIZE // 2, generator=torch.Generator().manual_seed(0))
-    family = FAMILIES["openuni"]
+    family = backbone("openuni")
     with torch.no_grad():
         stock = pipe("a tiny picture", num_inference_steps=2, height=TEST_SIZE, width=TEST_SIZE, latents=noise,
                      output_type="latent").images

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 # The builders live in the package (``twinflow tiny-pipeline`` makes the same folders).
-from twinflow.tiny import (BUILDERS, MODELS, TEST_SIZE, TRANSFORMERS, _qwen_tokenizer,  # noqa: E402,F401
+from twinflow.tiny import (BACKBONES, BUILDERS, TEST_SIZE, TRANSFORMERS, _qwen_tokenizer,  # noqa: E402,F401
                            _sana_transformer, build, build_qwen_image, build_sana, build_sd3, build_transformer,
                            build_z_image, tiny_dc_ae)
 

@@ -20,7 +20,7 @@ from typing import List
 
 from tqdm.auto import tqdm
 
-from .diffusers_patch import MODELS as _BACKBONES  # names only: diffusers is not imported
+from .diffusers_patch import BACKBONES as _BACKBONES  # names only: diffusers is not imported
 
 from .cli import positive_int, register_command
 

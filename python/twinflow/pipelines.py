@@ -38,7 +38,7 @@ from . import _files, _pipeline_checks
 from ._alignment import align_module
 from .scheduler import TwinFlowPresetScheduler, TwinFlowScheduler
 
-__all__ = ["MODELS", "ModelSpec", "load_pipeline", "check_pipeline_folder", "check_transformer_folder",
+__all__ = ["load_pipeline", "check_pipeline_folder", "check_transformer_folder",
            "resolve_model_path", "read_aux_weights", "load_aux_weights", "resolve_dtype", "resolve_device"]
 
 logger = logging.getLogger(__name__)
@@ -49,18 +49,23 @@ WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A summary of a registered backbone (``diffusers_patch.backbone(name)`` holds the rest)."""
+    """A summary of a registered backbone (deprecated: ``diffusers_patch.backbone(name)`` holds it all)."""
     pipeline: str      # pipeline class name
     transformer: str   # diffusers transformer class
     cfg_kwarg: str     # the pipeline argument that turns on classifier-free guidance (> 1)
     exact_size: Tuple[Tuple[str, object], ...] = ()  # pipeline arguments to render exactly height × width
 
 
-#: A view of the backbone registry (``diffusers_patch.MODELS``), kept for the public API.
-MODELS: Dict[str, ModelSpec] = {
-    name: ModelSpec(b.pipeline_class_name, b.transformer_class_name, b.cfg_kwarg, tuple(b.exact_size))
-    for name, b in diffusers_patch.backbones().items()
-}
+def __getattr__(name):
+    # The old view of the registry (until 2026-12): diffusers_patch.backbone(name) holds it all.
+    if name == "MODELS":
+        import warnings
+
+        warnings.warn("twinflow.pipelines.MODELS is deprecated: use twinflow.diffusers_patch.backbone(name) "
+                      "(and diffusers_patch.BACKBONES for the names)", DeprecationWarning, stacklevel=2)
+        return {n: ModelSpec(b.pipeline_class_name, b.transformer_class_name, b.cfg_kwarg, tuple(b.exact_size))
+                for n, b in diffusers_patch.backbones().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -429,7 +434,7 @@ def _resolve_model_mode(model: Optional[str], mode: Optional[str], records: List
                              "mode gives a different model; leave mode out to use the recorded one")
         return rec["backbone"], rec["mode"], True
     if model is None:
-        raise ValueError("model: required (one of " + ", ".join(sorted(diffusers_patch.MODELS)) + "), since "
+        raise ValueError("model: required (one of " + ", ".join(sorted(diffusers_patch.BACKBONES)) + "), since "
                          "nothing here records it (only pipelines saved by twinflow do)")
     return model, mode or "aux", False
 

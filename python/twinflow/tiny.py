@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MODELS", "TEST_SIZE", "build", "build_transformer", "tiny_dc_ae"]
+__all__ = ["BACKBONES", "TEST_SIZE", "build", "build_transformer", "tiny_dc_ae"]
 
-MODELS = ("qwen-image", "z-image", "sd3", "sana")
+#: the backbones a tiny pipeline is built for
+BACKBONES = ("qwen-image", "z-image", "sd3", "sana")
 #: an image size (pixels) every tiny pipeline accepts
 TEST_SIZE = 32
 
@@ -228,7 +229,7 @@ def build(model: str):
 # ----------------------------------------------------------------------------- command
 
 def _add_arguments(p) -> None:
-    p.add_argument("--model", default="sd3", choices=MODELS, help="the pipeline family (default sd3)")
+    p.add_argument("--model", default="sd3", choices=BACKBONES, help="the pipeline family (default sd3)")
     p.add_argument("--output-dir", required=True, help="a new or empty folder for the pipeline")
     p.add_argument("--quiet", action="store_true", help="print nothing")
 

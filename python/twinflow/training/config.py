@@ -17,8 +17,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .. import diffusers_patch
 from .._core import LOSS_SETTINGS
 
-#: backbone names (the registry in diffusers_patch)
-MODELS = tuple(diffusers_patch.MODELS)
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("bf16", "no")
 
@@ -247,8 +245,8 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
 
 def _check(cfg: RunConfig, err: _Err) -> None:
     m, t, lo, s = cfg.model, cfg.training, cfg.lora, cfg.sampling
-    if m.name.lower().replace("_", "-") not in MODELS:
-        raise err.value("model.name", f"expected one of {list(MODELS)}, got {m.name!r}")
+    if m.name.lower().replace("_", "-") not in diffusers_patch.BACKBONES:
+        raise err.value("model.name", f"expected one of {list(diffusers_patch.BACKBONES)}, got {m.name!r}")
     m.name = m.name.lower().replace("_", "-")
     if not m.pretrained_model_name_or_path:
         raise err.value("model.pretrained_model_name_or_path", "required (a local pipeline folder)")

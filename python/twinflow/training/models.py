@@ -21,19 +21,15 @@ from torch import nn
 
 from .. import diffusers_patch
 from .._alignment import align_module
+from ..diffusers_patch import Backbone
 
-
-#: Training glue per backbone: a view of the registry (``diffusers_patch.backbone(name)``
-#: holds the model call, text encoding and latents of each backbone).
-FAMILIES = diffusers_patch.backbones()
-Family = diffusers_patch.Backbone
 
 
 class TwinFlowModel(nn.Module):
     """The patched transformer as TwinFlowLoss / UnifiedSampler call it:
     ``model(x_t, t=t, tt=tt, c=cond)`` (``cond=`` also accepted, as the sampler passes it)."""
 
-    def __init__(self, transformer: nn.Module, family: Family):
+    def __init__(self, transformer: nn.Module, family: Backbone):
         super().__init__()
         self.transformer = transformer
         self.family = family
@@ -47,7 +43,7 @@ class TwinFlowModel(nn.Module):
             diffusers_patch.set_target_time(self.transformer, None)
 
 
-def load_transformer(cfg, family: Family, *, lora: bool, frozen_dtype: torch.dtype,
+def load_transformer(cfg, family: Backbone, *, lora: bool, frozen_dtype: torch.dtype,
                      resuming: bool = False) -> nn.Module:
     """The pretrained transformer (float32 master weights; the LoRA base in model.frozen_dtype),
     patched as a TwinFlow backbone: aux embedder (full) or the single t − tt/2 label (LoRA).
@@ -77,7 +73,7 @@ def load_transformer(cfg, family: Family, *, lora: bool, frozen_dtype: torch.dty
     return transformer
 
 
-def load_vae(cfg, family: Family, device, dtype: torch.dtype) -> Optional[nn.Module]:
+def load_vae(cfg, family: Backbone, device, dtype: torch.dtype) -> Optional[nn.Module]:
     root = pathlib.Path(cfg.model.pretrained_model_name_or_path) / "vae"
     if not root.is_dir():
         return None
@@ -91,7 +87,7 @@ def load_vae(cfg, family: Family, device, dtype: torch.dtype) -> Optional[nn.Mod
 class TextEncoder:
     """The pipeline's own ``encode_prompt`` (its text encoders and tokenizers), frozen."""
 
-    def __init__(self, cfg, family: Family, device, dtype: torch.dtype):
+    def __init__(self, cfg, family: Backbone, device, dtype: torch.dtype):
         from twinflow.pipelines import align_pipeline, component_overrides, dtype_kwargs
 
         root = cfg.model.pretrained_model_name_or_path

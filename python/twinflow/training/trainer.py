@@ -18,11 +18,12 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .. import diffusers_patch
 from .._lock import OutputDirLock
 from . import checkpoint as ckpt
 from .config import RunConfig
 from .distributed import Dist, no_grad_sync, resolve_strategy, shard, wrap
-from .models import FAMILIES, TextEncoder, TwinFlowModel, add_lora, load_transformer, load_vae
+from .models import TextEncoder, TwinFlowModel, add_lora, load_transformer, load_vae
 from .teacher import ONLINE_ADAPTER, TEACHER_ADAPTER, bind_full, make_teacher
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class Trainer:
         self.out = pathlib.Path(output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.out.mkdir(parents=True, exist_ok=True)
-        self.family = FAMILIES[cfg.model.name]
+        self.family = diffusers_patch.backbone(cfg.model.name)
         self.lora = cfg.lora.enabled
         self.strategy = resolve_strategy(t.strategy, d.world, self.lora)
         self.accum = t.grad_accum_steps
