@@ -20,5 +20,5 @@ mod python;
 
 pub use config::{SamplerConfig, SamplingStyle, StochastRatio, SAMPLER_SETTINGS};
 pub use error::{Error, Result};
-pub use sampler::Sampler;
+pub use sampler::SamplerSettings;
 pub use stepper::Stepper;

@@ -10,12 +10,12 @@ use crate::grid::time_grid;
 
 /// A validated configuration with its time grid.
 #[derive(Clone, Debug)]
-pub struct Sampler {
+pub struct SamplerSettings {
     cfg: SamplerConfig,
     grid: Vec<f64>,
 }
 
-impl Sampler {
+impl SamplerSettings {
     pub fn new(cfg: SamplerConfig) -> Result<Self> {
         cfg.validate()?;
         let grid = time_grid(&cfg);

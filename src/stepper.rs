@@ -10,7 +10,7 @@ use tch::Tensor;
 use crate::config::SamplerConfig;
 use crate::error::{all_finite, Error, Result};
 use crate::fused::Mix;
-use crate::sampler::Sampler;
+use crate::sampler::SamplerSettings;
 use crate::update::{self, empty_like, MixBuffers};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +63,7 @@ pub struct Stepper {
 }
 
 impl Stepper {
-    pub fn new(sampler: &Sampler) -> Self {
+    pub fn new(sampler: &SamplerSettings) -> Self {
         let cfg = sampler.config().clone();
         let grid = sampler.timesteps().to_vec();
         let evals = evaluations(&cfg, &grid);
@@ -73,7 +73,7 @@ impl Stepper {
 
     /// A stepper over a given grid t_0 > … > t_{n−1} > 0 (a pipeline's own sigmas) instead of
     /// the configuration's; t_n = 0 is appended. The sampler's other settings apply.
-    pub fn with_grid(sampler: &Sampler, times: &[f64]) -> Result<Self> {
+    pub fn with_grid(sampler: &SamplerSettings, times: &[f64]) -> Result<Self> {
         if times.is_empty() {
             return Err(Error::Value("sigmas: need at least one time".into()));
         }
@@ -227,7 +227,7 @@ mod tests {
     /// The sampling loop as `UnifiedSampler.sample` runs it (in Python), over a Rust model
     /// and noise source. Returns the sample, or with `trajectory` [noise, x̂_0, …, x̂_{n−1}].
     fn sample(
-        sampler: &Sampler,
+        sampler: &SamplerSettings,
         model: &mut dyn FnMut(&Tensor, &Tensor, &Tensor) -> Tensor,
         draw: &mut dyn FnMut(&[i64], Kind) -> Tensor,
         noise: &Tensor,
@@ -305,7 +305,7 @@ mod tests {
     #[test]
     fn exact_field_lands_on_the_point_in_every_mode() {
         for cfg in all_modes() {
-            let sampler = Sampler::new(cfg.clone()).unwrap();
+            let sampler = SamplerSettings::new(cfg.clone()).unwrap();
             let mut calls = vec![];
             let x = sample(&sampler, &mut point_mass(1.5, &mut calls), &mut global_randn, &noise(Kind::Double), false).unwrap();
             let err = (x - 1.5).abs().max().double_value(&[]);
@@ -318,7 +318,7 @@ mod tests {
     fn model_sees_the_grid_and_style_targets() {
         for (style, order) in [(SamplingStyle::Few, 1), (SamplingStyle::Mul, 2), (SamplingStyle::Any, 2)] {
             let cfg = SamplerConfig { sampling_steps: 6, sampling_order: order, sampling_style: style, ..Default::default() };
-            let sampler = Sampler::new(cfg).unwrap();
+            let sampler = SamplerSettings::new(cfg).unwrap();
             let g = sampler.timesteps().to_vec();
             let mut calls = vec![];
             let _ = sample(&sampler, &mut point_mass(0.0, &mut calls), &mut global_randn, &noise(Kind::Double), false).unwrap();
@@ -335,7 +335,7 @@ mod tests {
 
     #[test]
     fn euler_matches_a_hand_written_loop_and_trajectory_layout() {
-        let sampler = Sampler::new(SamplerConfig { sampling_steps: 5, ..Default::default() }).unwrap();
+        let sampler = SamplerSettings::new(SamplerConfig { sampling_steps: 5, ..Default::default() }).unwrap();
         let z = noise(Kind::Double);
         let traj = sample(&sampler, &mut wavy, &mut global_randn, &z, true).unwrap();
         assert_eq!(traj.size(), vec![6, 5, 3]);
@@ -357,13 +357,13 @@ mod tests {
     fn noise_is_needed_once_per_stochastic_interval_and_paths_agree() {
         for cfg in all_modes() {
             let n = cfg.intervals();
-            let g = Sampler::new(cfg.clone()).unwrap().timesteps().to_vec();
+            let g = SamplerSettings::new(cfg.clone()).unwrap().timesteps().to_vec();
             let want = (0..n).filter(|&i| cfg.stochast_ratio.at(g[i], g[i + 1]) > 0.0).count();
             for kind in [Kind::Float, Kind::Double] {
                 let mut out = vec![];
                 let z = noise(kind);
                 for fused in [true, false] {
-                    let sampler = Sampler::new(SamplerConfig { use_fused_kernel: fused, ..cfg.clone() }).unwrap();
+                    let sampler = SamplerSettings::new(SamplerConfig { use_fused_kernel: fused, ..cfg.clone() }).unwrap();
                     // Deterministic pseudo-noise (tests run in parallel and would race on the global RNG).
                     let mut draws = 0;
                     let mut draw = |shape: &[i64], kind| {
@@ -383,7 +383,7 @@ mod tests {
 
     #[test]
     fn bad_model_output_and_noise_are_errors() {
-        let sampler = Sampler::new(SamplerConfig::default()).unwrap();
+        let sampler = SamplerSettings::new(SamplerConfig::default()).unwrap();
         let err = sample(&sampler, &mut |x, _, _| x.view([-1]), &mut global_randn, &noise(Kind::Float), false).unwrap_err();
         assert!(matches!(&err, Error::Value(m) if m.contains("shape")), "{err}");
         let ints = Tensor::zeros([2, 2], (Kind::Int64, Device::Cpu));
@@ -394,14 +394,14 @@ mod tests {
 
     #[test]
     fn noise_must_be_given_exactly_when_the_evaluation_draws() {
-        let sampler = Sampler::new(SamplerConfig { sampling_steps: 2, stochast_ratio: StochastRatio::Fixed(0.5), ..Default::default() }).unwrap();
+        let sampler = SamplerSettings::new(SamplerConfig { sampling_steps: 2, stochast_ratio: StochastRatio::Fixed(0.5), ..Default::default() }).unwrap();
         let mut st = Stepper::new(&sampler);
         let x = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu));
         assert!(st.evals()[0].noise);
         assert!(matches!(st.step(&x, &x, None, None), Err(Error::Value(m)) if m.contains("noise")));
         assert_eq!(st.position(), 0, "a refused step does not advance");
         let x = st.step(&x, &x, Some(&x), None).unwrap();
-        let det = Sampler::new(SamplerConfig { sampling_steps: 2, ..Default::default() }).unwrap();
+        let det = SamplerSettings::new(SamplerConfig { sampling_steps: 2, ..Default::default() }).unwrap();
         let mut st = Stepper::new(&det);
         assert!(st.step(&x, &x, Some(&x), None).is_err());
     }
@@ -410,7 +410,7 @@ mod tests {
     fn schedules() {
         let s = |steps, order, style| {
             let cfg = SamplerConfig { sampling_steps: steps, sampling_order: order, sampling_style: style, ..Default::default() };
-            let sampler = Sampler::new(cfg).unwrap();
+            let sampler = SamplerSettings::new(cfg).unwrap();
             evaluations(sampler.config(), sampler.timesteps())
         };
         let e = s(4, 1, SamplingStyle::Any);
@@ -427,7 +427,7 @@ mod tests {
 
     #[test]
     fn custom_grids_are_checked() {
-        let sampler = Sampler::new(SamplerConfig { sampling_order: 2, ..Default::default() }).unwrap();
+        let sampler = SamplerSettings::new(SamplerConfig { sampling_order: 2, ..Default::default() }).unwrap();
         let st = Stepper::with_grid(&sampler, &[1.0, 0.6, 0.2]).unwrap();
         assert_eq!(st.grid(), &[1.0, 0.6, 0.2, 0.0]);
         assert_eq!(st.evals().len(), 5);
@@ -438,7 +438,7 @@ mod tests {
 
     #[test]
     fn stepping_past_the_end_is_an_error() {
-        let sampler = Sampler::new(SamplerConfig { sampling_steps: 1, ..Default::default() }).unwrap();
+        let sampler = SamplerSettings::new(SamplerConfig { sampling_steps: 1, ..Default::default() }).unwrap();
         let mut st = Stepper::new(&sampler);
         let x = Tensor::zeros([2, 2], (tch::Kind::Float, tch::Device::Cpu));
         let _ = st.step(&x, &x, None, None).unwrap();
@@ -449,7 +449,7 @@ mod tests {
 
     #[test]
     fn a_nan_model_output_names_the_evaluation() {
-        let sampler = Sampler::new(SamplerConfig { sampling_steps: 3, ..Default::default() }).unwrap();
+        let sampler = SamplerSettings::new(SamplerConfig { sampling_steps: 3, ..Default::default() }).unwrap();
         for fused in [true, false] {
             let mut st = Stepper::new(&sampler);
             st.fused = fused;

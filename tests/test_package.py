@@ -99,3 +99,17 @@ def test_unknown_config_name_is_one_line_listing_the_names(tmp_path, capsys):
     assert "sd35_lora_2order" in err[0] and "qwen_image_full_1order" in err[0]
     with pytest.raises(ValueError, match="no such file"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_the_old_lora_module_name_warns_and_works():
+    import importlib
+    import sys
+
+    import pytest
+
+    sys.modules.pop("twinflow.lora_export", None)
+    with pytest.warns(DeprecationWarning, match="lora_files"):
+        old = importlib.import_module("twinflow.lora_export")
+    from twinflow import lora_files
+
+    assert old.save is lora_files.save and old.load_into is lora_files.load_into

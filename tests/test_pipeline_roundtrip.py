@@ -188,13 +188,13 @@ def _trained_lora(model, folder):
 @pytest.mark.parametrize("model", TWO)
 def test_lora_export_loads_with_diffusers_and_twinflow(model, tmp_path):
     pytest.importorskip("peft")
-    from twinflow import lora_export
+    from twinflow import lora_files
 
     base = tiny_pipelines.saved_pipeline(model, "stock")
     trained = _trained_lora(model, base)
     want = latents(trained, model)
-    lora_export.save(tmp_path / "lora", trained.transformer, "online", model)
-    keys = load_file(str(tmp_path / "lora" / lora_export.WEIGHT_NAME)).keys()
+    lora_files.save(tmp_path / "lora", trained.transformer, "online", model)
+    keys = load_file(str(tmp_path / "lora" / lora_files.WEIGHT_NAME)).keys()
     assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys), "diffusers' layout"
     # twinflow: model and mode from the LoRA's record
     logged = []
@@ -227,10 +227,10 @@ def test_a_pipeline_saved_with_its_lora(tmp_path):
     """Saved with the adapter still loaded, the transformer's weights hold peft layers that the
     stock class would skip (random weights): refused. Fused and unloaded first, it round-trips."""
     pytest.importorskip("peft")
-    from twinflow import lora_export
+    from twinflow import lora_files
 
     base = tiny_pipelines.saved_pipeline("sd3", "stock")
-    lora_export.save(tmp_path / "lora", _trained_lora("sd3", base).transformer, "online", "sd3")
+    lora_files.save(tmp_path / "lora", _trained_lora("sd3", base).transformer, "online", "sd3")
     pipe = load(base, lora=tmp_path / "lora")
     want = latents(pipe, "sd3")
     pipe.save_pretrained(tmp_path / "unfused")
@@ -244,13 +244,13 @@ def test_a_pipeline_saved_with_its_lora(tmp_path):
 
 
 def test_lora_errors(tmp_path):
-    from twinflow import lora_export
+    from twinflow import lora_files
 
     base = tiny_pipelines.saved_pipeline("sd3", "stock")
-    expect_error(FileNotFoundError, lambda: load_pipeline(base, "sd3", lora=tmp_path), contains=lora_export.WEIGHT_NAME)
-    (tmp_path / lora_export.WEIGHT_NAME).write_bytes(b"not safetensors")
+    expect_error(FileNotFoundError, lambda: load_pipeline(base, "sd3", lora=tmp_path), contains=lora_files.WEIGHT_NAME)
+    (tmp_path / lora_files.WEIGHT_NAME).write_bytes(b"not safetensors")
     expect_error(ValueError, lambda: load_pipeline(base, "sd3", lora=tmp_path), contains="safetensors")
-    save_file({"transformer.nothing.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / lora_export.WEIGHT_NAME))
+    save_file({"transformer.nothing.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / lora_files.WEIGHT_NAME))
     expect_error(ValueError, lambda: load_pipeline(base, "sd3", lora=tmp_path), contains="LoRA")
 
 

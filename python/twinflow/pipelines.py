@@ -464,7 +464,7 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
             transformer folder (what the published training and our checkpoints write:
             config.json + safetensors), a pipeline folder or Hub repo id holding one under
             transformer/, or an already loaded transformer module (patched or not).
-        lora: a TwinFlow LoRA in diffusers' layout (``twinflow.lora_export``: a folder with
+        lora: a TwinFlow LoRA in diffusers' layout (``twinflow.lora_files``: a folder with
             ``pytorch_lora_weights.safetensors``), loaded with the pipeline's own
             ``load_lora_weights`` onto the base `path` (mode "lora").
         subfolder: the pipeline folder inside `path` (e.g. a repo holding several).
@@ -484,7 +484,7 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
     mode (``twinflow.saved_format``). Missing files raise FileNotFoundError, everything else
     that is wrong with the folder or the arguments ValueError.
     """
-    from . import lora_export, saved_format
+    from . import lora_files, saved_format
 
     if mode is not None and mode not in ("aux", "lora"):
         raise ValueError(f'mode: expected "aux" or "lora", got {mode!r}')
@@ -500,8 +500,8 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
     records: List[Tuple[Optional[dict], str]] = []
     lora_file = None
     if lora is not None:
-        lora_file, lora_record = lora_export.read(lora)
-        records.append((lora_record, str(lora_file.parent / lora_export.RECORD_NAME)))
+        lora_file, lora_record = lora_files.read(lora)
+        records.append((lora_record, str(lora_file.parent / lora_files.RECORD_NAME)))
         if mode == "aux":
             raise ValueError(f"mode='aux', but lora={str(lora)!r}: a TwinFlow LoRA is trained in mode 'lora'")
         mode = "lora"
@@ -560,7 +560,7 @@ def _finish(bb, pipe, mode: str, aux: Optional[Dict[str, torch.Tensor]], source:
     """Patch the pipeline's transformer, load its aux weights (None: a given module, whose own
     aux embedder, if attached, is the trained one) and LoRA, wire it to the pipeline (so to
     the scheduler it holds at each call), record what it is, move the pipeline."""
-    from . import lora_export, saved_format
+    from . import lora_files, saved_format
 
     if aux is None:
         if mode == "aux" and not isinstance(getattr(pipe.transformer, bb.aux_name, None), torch.nn.Module):
@@ -571,7 +571,7 @@ def _finish(bb, pipe, mode: str, aux: Optional[Dict[str, torch.Tensor]], source:
         bb.patch(pipe.transformer, mode=mode)
         load_aux_weights(pipe.transformer, bb.name, aux, source, recorded=recorded)
     if lora_file is not None:
-        lora_export.load_into(pipe, lora_file)
+        lora_files.load_into(pipe, lora_file)
     diffusers_patch.set_target_time(pipe.transformer, pipe)
     saved_format.mark_pipeline(pipe, bb.name, mode)
     align_pipeline(pipe)

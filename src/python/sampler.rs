@@ -12,7 +12,7 @@ use tch::Tensor;
 use super::args::{float_arg, tensor_arg, tensor_like, to_pyerr, type_name};
 use crate::config::{Range, SamplerConfig, Value, SAMPLER_SETTINGS};
 use crate::error::{all_finite, Error};
-use crate::sampler::{check_noise, check_sample, is_float, velocity_like, Sampler};
+use crate::sampler::{check_noise, check_sample, is_float, velocity_like, SamplerSettings};
 use crate::stepper::{Phase, Stepper};
 use crate::update;
 
@@ -111,12 +111,12 @@ pub fn settings_table(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
 ///     ([0.999, 0.6, 0.0], 2)
 #[pyclass(name = "SamplerSettings", module = "twinflow._core", frozen)]
 pub struct PySamplerSettings {
-    inner: Sampler,
+    inner: SamplerSettings,
 }
 
 impl PySamplerSettings {
     fn build(cfg: SamplerConfig) -> PyResult<Self> {
-        Ok(Self { inner: Sampler::new(cfg).map_err(to_pyerr)? })
+        Ok(Self { inner: SamplerSettings::new(cfg).map_err(to_pyerr)? })
     }
 }
 

@@ -413,9 +413,9 @@ class Trainer:
         the trained transformer in the published layout (aux keys inside its safetensors; LoRA
         merged into the weights), recording backbone and mode (``twinflow.saved_format``: it
         loads with ``twinflow.load_pipeline(path)``); for LoRA also ``<output>/lora``, the
-        adapter in diffusers' LoRA layout (``twinflow.lora_export``), where the pipeline class
+        adapter in diffusers' LoRA layout (``twinflow.lora_files``), where the pipeline class
         has diffusers' LoRA loader (not OpenUni)."""
-        from .. import lora_export
+        from .. import lora_files
         from ..saved_format import mark_model_index
 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -438,9 +438,9 @@ class Trainer:
             mark_model_index(tmp / "model_index.json", self.family.name, "lora" if self.lora else "aux")
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
-            if self.lora and lora_export.supported(self.family.name):  # OpenUni: the merged export only
+            if self.lora and lora_files.supported(self.family.name):  # OpenUni: the merged export only
                 shutil.rmtree(self.out / "lora", ignore_errors=True)
-                lora_export.save(self.out / "lora", transformer, ONLINE_ADAPTER, self.family.name)
+                lora_files.save(self.out / "lora", transformer, ONLINE_ADAPTER, self.family.name)
         self.d.barrier()
         return dest
 
