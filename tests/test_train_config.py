@@ -87,7 +87,7 @@ def test_overrides_apply_and_validate(tmp_path):
      ValueError, ["training.strategy", "DDP"]),
     ({"twinflow": {"estimate_order": -1}}, ValueError, ["twinflow", "estimate_order"]),
     ({"twinflow": {"sub_batches": {"e2e": 1, "fake": 1}}}, ValueError, ["twinflow", "fake"]),
-    ({"sampling": {"steps": 0}}, ValueError, ["sampling"]),
+    ({"sampling": {"sampling_steps": 0}}, ValueError, ["sampling"]),
     ({"data": {"resolution": "big"}}, TypeError, ["data.resolution", "integer"]),
 ])
 def test_errors_name_file_and_key(raw, exc, words):
@@ -134,3 +134,28 @@ def test_train_config_is_a_deprecated_name_of_run_config():
 
     with pytest.warns(DeprecationWarning, match="RunConfig"):
         assert config.TrainConfig is config.RunConfig
+
+
+def test_sections_use_the_settings_own_names():
+    """sampling: and twinflow: take the names UnifiedSampler and TwinFlowLoss take (the
+    settings tables), so a key means the same thing everywhere."""
+    import dataclasses
+
+    from twinflow._core import LOSS_SETTINGS, SAMPLER_SETTINGS
+    from twinflow.training.config import SamplingConfig
+
+    sampler_keys = set(SamplingConfig().sampler_kwargs())
+    assert sampler_keys <= {s["name"] for s in SAMPLER_SETTINGS}
+    assert sampler_keys <= {f.name for f in dataclasses.fields(SamplingConfig)}
+    cfg = parse_config({**BASE, "twinflow": {s["name"]: s["default"] for s in LOSS_SETTINGS}}, "cfg.yaml")
+    assert set(cfg.twinflow.settings()) - {"batch_calls"} == {s["name"] for s in LOSS_SETTINGS}
+
+
+@pytest.mark.parametrize("old,new,value", [("steps", "sampling_steps", 3), ("order", "sampling_order", 2)])
+def test_old_sampling_names_load_with_a_warning(old, new, value):
+    merged = {**BASE, "sampling": {old: value}}
+    with pytest.warns(DeprecationWarning, match=f"sampling.{old} is now {new}"):
+        cfg = parse_config(merged, "cfg.yaml")
+    assert getattr(cfg.sampling, new) == value
+    expect_error(ValueError, lambda: parse_config({**BASE, "sampling": {old: value, new: value}}, "cfg.yaml"),
+                 contains=["cfg.yaml", f"sampling.{old}", new])

@@ -12,7 +12,7 @@ import pathlib
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from .. import diffusers_patch
 from .._core import LOSS_SETTINGS
@@ -94,9 +94,13 @@ TwinFlowConfig.__module__ = __name__
 
 @dataclass
 class SamplingConfig:
-    """``twinflow.UnifiedSampler`` settings for the sample grids, plus the grid itself."""
-    steps: int = 2
-    order: int = 1
+    """``twinflow.UnifiedSampler`` settings for the sample grids (under the sampler's own names),
+    plus the grid itself."""
+    # Before 2026-12 two keys had short names; they still load, with a DeprecationWarning.
+    RENAMED: ClassVar[Dict[str, str]] = {"steps": "sampling_steps", "order": "sampling_order"}
+
+    sampling_steps: int = 2
+    sampling_order: int = 1
     stochast_ratio: Any = 1.0
     extrapol_ratio: float = 0.0
     time_dist_ctrl: Tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -106,8 +110,8 @@ class SamplingConfig:
     seed: int = 0
 
     def sampler_kwargs(self) -> Dict[str, Any]:
-        return dict(sampling_steps=self.steps, stochast_ratio=self.stochast_ratio,
-                    extrapol_ratio=self.extrapol_ratio, sampling_order=self.order,
+        return dict(sampling_steps=self.sampling_steps, stochast_ratio=self.stochast_ratio,
+                    extrapol_ratio=self.extrapol_ratio, sampling_order=self.sampling_order,
                     time_dist_ctrl=tuple(self.time_dist_ctrl), rfba_gap_steps=tuple(self.rfba_gap_steps),
                     sampling_style=self.sampling_style)
 
@@ -215,6 +219,13 @@ def _build(cls, raw: Any, prefix: str, err: _Err):
         raise err.type(prefix or "<top level>", f"expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in raw:
+            where = f"{prefix}.{old}" if prefix else old
+            if new in raw:
+                raise err.value(where, f"give {new} only (it is the new name of {old})")
+            warnings.warn(f"{err.source}: {where} is now {new}", DeprecationWarning, stacklevel=2)
+            raw = {(new if k == old else k): v for k, v in raw.items()}
     for k in raw:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else str(k)
