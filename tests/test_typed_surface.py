@@ -66,3 +66,38 @@ def test_twinflow_loss_signature_is_the_table():
 @pytest.mark.parametrize("cls", [UnifiedSampler, TwinFlowLoss])
 def test_every_parameter_is_annotated(cls):
     assert set(_hints(cls)) == {p.name for p in _params(cls.__init__)} | {"return"}
+
+
+USER_SCRIPT = '''
+import torch
+
+from twinflow import TwinFlowLoss, TwinFlowScheduler, UnifiedSampler
+
+
+def velocity(x: torch.Tensor, t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+    return x * t.view(-1, 1) - 0.5 * tt.view(-1, 1)
+
+
+sampler = UnifiedSampler(sampling_steps=2, stochast_ratio=1.0, rfba_gap_steps=(0.001, 0.6))
+x0: torch.Tensor = sampler.sample(velocity, torch.randn(4, 2), generator=torch.Generator().manual_seed(0))
+nfe: int = sampler.nfe
+preset: UnifiedSampler = UnifiedSampler.preset("1-nfe")
+loss_fn = TwinFlowLoss("rcgm", estimate_order=3, loss="l2")
+scheduler = TwinFlowScheduler(stochast_ratio=0.5, time_grid="pipeline")
+'''
+
+
+def test_mypy_strict_accepts_a_user_script(tmp_path):
+    """What a user's type checker sees of the public API: no errors under mypy --strict (the
+    installed package ships py.typed and _core.pyi). The script is also run, so it is real."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mypy")
+    script = tmp_path / "user.py"
+    script.write_text(USER_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), str(script)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
