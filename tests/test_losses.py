@@ -881,3 +881,16 @@ def test_unjoinable_conditioning_falls_back_to_separate_calls():
     torch.testing.assert_close(lb, lu, rtol=1e-6, atol=0)
     for a, b in zip(gb, gu):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+
+
+def test_error_wrong_shape_in_a_call_split_by_its_conditioning():
+    """cond and uncond that cannot be joined (other trailing shape) make the teacher's pair two
+    calls; a wrong-shaped output of the second is still a ValueError naming the shape."""
+    def model(x, t, tt, c=None):
+        out = x * t.view(-1, 1)
+        return out[:-1] if c is not None and c[0].dim() == 2 else out  # wrong on the uncond rows
+
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    loss = TwinFlowLoss("twinflow", ema_decay_rate=0.0)
+    expect_error(ValueError, lambda: loss(model, x, cond=[torch.zeros(8)], uncond=[torch.zeros(8, 3)]),
+                 contains=("shape",))

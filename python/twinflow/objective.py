@@ -64,14 +64,9 @@ class _Calls:
             sizes = [stop - start for (start, stop), _ in parts]
             outs = []
             for xi, ti, tti, ci in zip(x.split(sizes), t.split(sizes), tt.split(sizes), pieces):
-                outs.append(self._invoke(net, xi, ti, tti, ci))
-                if outs[-1].shape != xi.shape:
-                    return outs[-1]  # reported below
+                outs.append(_checked(self._invoke(net, xi, ti, tti, ci), xi))
             out = torch.cat(outs)
-        if out.shape != x.shape:
-            raise ValueError(f"model returned a tensor of shape {list(out.shape)}, expected {list(x.shape)} "
-                             "(the shape of x_t)")
-        return out
+        return _checked(out, x)
 
     def independent(self, teacher: bool, inputs: List[tuple]) -> List[torch.Tensor]:
         """Independent no-grad calls ``(x, t, tt, part)``, one output each: one call on the
@@ -82,6 +77,13 @@ class _Calls:
             x, t, tt = (torch.cat([i[k] for i in inputs]) for k in range(3))
             out = self(teacher, x, t, tt, [i[3] for i in inputs])
             return list(out.split([i[0].shape[0] for i in inputs]))
+
+
+def _checked(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if out.shape != x.shape:
+        raise ValueError(f"model returned a tensor of shape {list(out.shape)}, expected {list(x.shape)} "
+                         "(the shape of x_t)")
+    return out
 
 
 def _join(pieces):
