@@ -101,3 +101,16 @@ def test_mypy_strict_accepts_a_user_script(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_scheduler_signature_follows_the_sampler_table():
+    """TwinFlowScheduler takes the sampler's saved settings (not the step count: that is the
+    pipeline's num_inference_steps) under their names and defaults, plus its own two."""
+    from twinflow import TwinFlowScheduler
+
+    params = {p.name: p for p in _params(TwinFlowScheduler.__init__)}
+    saved = [s for s in SAMPLER_SETTINGS if s["saved"] and s["name"] != "sampling_steps"]
+    assert set(params) == {s["name"] for s in saved} | {"num_train_timesteps", "time_grid"}
+    for s in saved:
+        assert params[s["name"]].default == s["default"], s["name"]
+    assert set(_hints(TwinFlowScheduler)) == set(params)  # every parameter annotated (no return hint: diffusers')
