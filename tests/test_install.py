@@ -118,6 +118,7 @@ def _check(block: str, venv: pathlib.Path, site: pathlib.Path, env, cwd: pathlib
     assert torch.equal(torch.tensor(got["sample"], dtype=expect.dtype), expect), block
 
 
+@pytest.mark.slow
 def test_readme_install_blocks_in_a_fresh_venv(tmp_path):
     deps = _dependencies_view(tmp_path)
     # One venv path for both blocks: the second build then finds cargo's output up to date

@@ -183,6 +183,7 @@ def test_hub_repo_ids_from_the_cache(hub):
                  contains="nope")
 
 
+@pytest.mark.slow
 def test_generate_cli_with_a_repo_id(hub, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the installed package, as a user runs it
     out = tmp_path / "out"

@@ -252,6 +252,7 @@ def test_samplers_and_grid(tmp_path):
 
 # ----------------------------------------------------------------------------- metric
 
+@pytest.mark.slow
 def test_classifier_and_metric_sanity(test_set, real):
     clf = metrics.load_classifier()
     images, labels = test_set
@@ -310,6 +311,7 @@ def _cli(*args, **kw):
                           text=True, env=env, timeout=300, **kw)
 
 
+@pytest.mark.slow
 def test_cli_train_resume_sample_evaluate(tmp_path):
     out = tmp_path / "run"
     common = ["train", "--method", "rcgm", "--batch-size", "32", "--train-subset", "128", "--width", "8",
@@ -356,6 +358,7 @@ def test_cli_loss_overrides(tmp_path):
     assert cfg["settings"]["loss_overrides"] == {"enhanced_ratio": 0, "loss": "l2"}
 
 
+@pytest.mark.slow
 def test_cli_init_from(tmp_path):
     small = ["--batch-size", "32", "--train-subset", "64", "--width", "8", "--quiet"]
     r = _cli("train", "--method", "flow_matching", "--max-steps", "2", "--output-dir", str(tmp_path / "base"), *small)

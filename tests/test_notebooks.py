@@ -24,6 +24,7 @@ STATED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, tmp_path, monkeypatch):
     for key, value in NOTEBOOKS[name].items():

@@ -27,6 +27,7 @@ from tiny_pipelines import THREADS_ENV  # noqa: E402
 TESTS = pathlib.Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_exact_tests_hold_at_each_thread_count(threads, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), **{THREADS_ENV: str(threads)})

@@ -31,6 +31,7 @@ def _smoke_block():
     return [line for line in m.group(1).splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_readme_smoke_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
     (tmp_path / "runs").mkdir()

@@ -9,9 +9,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_train_script_smoke(tmp_path):
     env = dict(os.environ, SIZE="tiny", RESOLUTION="32", STEPS="1", BATCH="4", WORKDIR=str(tmp_path),
                PYTHON=sys.executable, OMP_NUM_THREADS="1")

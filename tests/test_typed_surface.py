@@ -87,6 +87,7 @@ scheduler = TwinFlowScheduler(stochast_ratio=0.5, time_grid="pipeline")
 '''
 
 
+@pytest.mark.slow
 def test_mypy_strict_accepts_a_user_script(tmp_path):
     """What a user's type checker sees of the public API: no errors under mypy --strict (the
     installed package ships py.typed and _core.pyi). The script is also run, so it is real."""
