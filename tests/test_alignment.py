@@ -9,14 +9,11 @@ that are misaligned or non-contiguous and keeps everything else as it was.
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tiny_pipelines  # noqa: E402
 from tiny_pipelines import one_thread  # noqa: E402,F401 (autouse fixture)

@@ -7,14 +7,12 @@ own (not a diffusers class name), which ``twinflow.load_pipeline`` then uses.
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import diffusers  # noqa: E402
 

@@ -9,11 +9,9 @@ import logging
 import os
 import pathlib
 import re
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import twinflow  # noqa: E402
 from twinflow.cli import COMMANDS, build_parser, main  # noqa: E402

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

@@ -27,7 +27,6 @@ import warnings
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from twinflow import diffusers_patch  # noqa: E402
 import tiny_pipelines  # noqa: E402

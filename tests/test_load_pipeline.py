@@ -18,16 +18,13 @@ What is checked (CPU, the tiny random-weight pipelines of ``tiny_pipelines``, sa
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import sys
 import warnings
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

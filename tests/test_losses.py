@@ -24,7 +24,6 @@ import textwrap
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from twinflow_reference import (  # noqa: E402
     RUNS,

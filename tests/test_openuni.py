@@ -17,13 +17,10 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from checks import expect_error  # noqa: E402
 from tiny_openuni import (build_openuni, published_state_dict, pth_components,  # noqa: E402

@@ -15,7 +15,6 @@ import textwrap
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import twinflow  # noqa: E402
 from twinflow import diffusers_patch  # noqa: E402

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from diffusers import SanaTransformer2DModel, SD3Transformer2DModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402

@@ -20,15 +20,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
-import sys
 import types
 import warnings
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

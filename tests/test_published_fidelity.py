@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from twinflow import diffusers_patch  # noqa: E402
 from tiny_pipelines import BACKBONES, build_transformer, one_thread  # noqa: E402,F401

@@ -7,14 +7,11 @@ Each case copies the saved tiny SD3 pipeline of ``tiny_pipelines`` and damages t
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

@@ -7,13 +7,10 @@ not import twinflow) or checks an API property stated in the brief/docs/algorith
 from __future__ import annotations
 
 import itertools
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from checks import PATH_SETTINGS  # noqa: E402
 from ucgm_reference import (  # noqa: E402

@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from checks import PATH_SETTINGS, expect_error  # noqa: E402
 from ucgm_reference import reference_nfe, reference_timesteps, style_tt  # noqa: E402

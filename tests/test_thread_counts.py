@@ -20,7 +20,6 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tiny_pipelines import THREADS_ENV  # noqa: E402
 

@@ -11,13 +11,10 @@ text embeddings equals the stock pipeline's latents with the patched transformer
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tiny_pipelines import TEST_SIZE, build, tiny_threads  # noqa: E402
 

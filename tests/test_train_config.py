@@ -7,13 +7,10 @@ dotted key; ``--set key=value`` overrides are parsed as YAML and validated like 
 
 from __future__ import annotations
 
-import os
 import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from checks import expect_error  # noqa: E402
 from twinflow.training.config import load_config, parse_config  # noqa: E402

@@ -4,15 +4,12 @@ precomputed blobs, padding collate and rank sharding (no models; seconds)."""
 from __future__ import annotations
 
 import io
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from checks import expect_error  # noqa: E402
 from twinflow.training.config import DataConfig  # noqa: E402

@@ -40,7 +40,6 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from safetensors.torch import load_file  # noqa: E402
 from tiny_pipelines import build, tiny_threads  # noqa: E402

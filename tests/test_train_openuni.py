@@ -13,14 +13,11 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from checks import expect_error  # noqa: E402
 from test_train_e2e import WEIGHTS, _config, _images_parquet, _metrics, _train  # noqa: E402
