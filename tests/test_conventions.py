@@ -118,7 +118,8 @@ def test_train_with_a_hub_id_is_one_line_before_any_diffusers_call(tmp_path, mon
 
 # ----------------------------------------------------------------------------- logging
 
-_COMMAND_LINE_MODULES = {"cli.py", "demo.py", "tiny.py", "generate.py", "training/command.py", "tutorials/mnist/cli.py"}
+_COMMAND_LINE_MODULES = {"cli.py", "demo.py", "tiny.py", "generate.py", "training/command.py", "tutorials/mnist/cli.py",
+                         "export_gguf.py"}
 
 
 def test_library_code_logs_instead_of_printing():

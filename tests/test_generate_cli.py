@@ -139,3 +139,33 @@ def test_help_does_not_import_diffusers():
     code = "import sys, twinflow.cli as c; c.build_parser(); print('diffusers' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+def test_quantize_and_offload_options(tmp_path):
+    """--quantize int8 (torchao, CPU) gives an image close to the float32 one; --offload model
+    and group give the same image as none; both are recorded in the JSON."""
+    pytest.importorskip("torchao")
+    base = ("--prompt", "a cat", "--steps", "2", "--seed", "1")
+    assert main(argv("qwen-image", tmp_path / "plain", *base)) == 0
+    want = pixels(tmp_path / "plain" / "000-00.png").astype(float)
+    for opts in (("--offload", "model"), ("--offload", "group")):
+        out = tmp_path / opts[1]
+        assert main(argv("qwen-image", out, *base, *opts)) == 0
+        assert np.array_equal(pixels(out / "000-00.png"), want), opts
+        assert json.loads((out / "000-00.json").read_text())["offload"] == opts[1]
+    out = tmp_path / "int8"
+    assert main(argv("qwen-image", out, *base, "--quantize", "int8")) == 0
+    got = pixels(out / "000-00.png").astype(float)
+    assert 0 < np.abs(got - want).mean() < 2.0  # out of 255: a broken path is tens
+    assert json.loads((out / "000-00.json").read_text())["quantize"] == "int8"
+
+
+def test_quantize_errors_are_one_line(tmp_path, capsys):
+    cases = [(argv("sd3", tmp_path / "o", "--prompt", "x", "--quantize", "nf4"), "runs on cuda or xpu only")]
+    for args, needle in cases:
+        capsys.readouterr()
+        assert main(args) == 1, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith("twinflow generate: error: ") and needle in err[-1], err
+    with pytest.raises(SystemExit):  # argparse: an unknown choice
+        main(argv("sd3", tmp_path / "o", "--prompt", "x", "--quantize", "int3"))

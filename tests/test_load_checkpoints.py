@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import torch
 from twinflow import diffusers_patch  # noqa: E402
 import tiny_pipelines  # noqa: E402
 from checks import expect_error  # noqa: E402
+from hub_cache import lay_out_repo  # noqa: E402
 from tiny_pipelines import one_thread  # noqa: E402,F401 (autouse fixture)
 from twinflow import load_pipeline  # noqa: E402
 from twinflow.diffusers_patch import backbone  # noqa: E402
@@ -39,14 +39,7 @@ SIZE = tiny_pipelines.TEST_SIZE
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def generate(pipe, model):
-    extra = {backbone(model).cfg_kwarg: 1.0, **dict(backbone(model).exact_size)}
-    if model == "sana":
-        extra["complex_human_instruction"] = None
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        return pipe(prompt="a cat", height=SIZE, width=SIZE, num_inference_steps=2, output_type="pt",
-                    generator=torch.Generator().manual_seed(0), **extra).images
+generate = tiny_pipelines.generate_images
 
 
 def quiet_load(*args, **kw):
@@ -128,24 +121,6 @@ def test_transformer_source_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Hub cache
-
-def lay_out_repo(cache: pathlib.Path, repo_id: str, files: dict, revision: str = "main") -> str:
-    """A Hub cache entry as huggingface_hub writes it: content-addressed blobs, a snapshot
-    folder of symlinks named by the commit, and refs/<revision> holding that commit."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    commit = hashlib.sha1(json.dumps(sorted(files), default=str).encode() + revision.encode()).hexdigest()
-    for rel, src in files.items():
-        data = pathlib.Path(src).read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)
-    return commit
-
 
 def tree(folder: pathlib.Path, prefix: str = "") -> dict:
     return {prefix + str(f.relative_to(folder)): f for f in folder.rglob("*") if f.is_file()}

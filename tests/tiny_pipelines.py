@@ -106,3 +106,17 @@ def saved_pipeline(model: str, layout: str = "stock") -> pathlib.Path:
         patched.save_pretrained(path / "transformer", max_shard_size=shard)
     _CACHE[key] = path
     return path
+
+
+def generate_images(pipe, model: str, steps: int = 2) -> torch.Tensor:
+    """The images [B, 3, TEST_SIZE, TEST_SIZE] of one prompt at a fixed seed, guidance off, as
+    every load-path test compares them."""
+    from twinflow.diffusers_patch import backbone
+
+    extra = {backbone(model).cfg_kwarg: 1.0, **dict(backbone(model).exact_size)}
+    if model == "sana":
+        extra["complex_human_instruction"] = None
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(prompt="a cat", height=TEST_SIZE, width=TEST_SIZE, num_inference_steps=steps, output_type="pt",
+                    generator=torch.Generator().manual_seed(0), **extra).images

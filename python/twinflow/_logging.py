@@ -57,6 +57,19 @@ def add_stderr_handler() -> None:
 
 _from_environment()
 
+#: loggers whose import-time warnings say nothing a twinflow command's user can act on: torch's
+#: pytree deprecation of ``register_constant`` for torchao's enums, and diffusers' note that
+#: torchao's tensor classes could not be imported (torchao ≥ 0.16 moved them); both appear at
+#: ``import diffusers`` once torchao is installed ([quant] extra)
+IMPORT_NOISE = ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+def quiet_import_noise() -> None:
+    """Errors only from the ``IMPORT_NOISE`` loggers (for the command line: its one-line errors
+    stay one line). Library use keeps every library's defaults."""
+    for name in IMPORT_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
 
 @contextlib.contextmanager
 def no_library_progress_bars(quiet: bool = True):

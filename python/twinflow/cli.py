@@ -54,7 +54,8 @@ COMMANDS: Dict[str, Command] = {}
 # Modules that register their commands on import (kept out of `twinflow --help`'s imports
 # until the parser is built).
 _COMMAND_MODULES: Sequence[str] = ("twinflow.demo", "twinflow.generate", "twinflow.tutorials.mnist.cli",
-                                     "twinflow.training.command", "twinflow.tiny")
+                                     "twinflow.training.command", "twinflow.tiny",
+                                     "twinflow.export_gguf")
 
 
 def register_command(name: str, *, help: str,
@@ -106,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console-script entry point; returns the exit status."""
-    from ._logging import add_stderr_handler
+    from ._logging import add_stderr_handler, quiet_import_noise
 
     add_stderr_handler()  # twinflow's log records (TWINFLOW_VERBOSITY) on stderr
+    quiet_import_noise()
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     if args.command is None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .diffusers_patch import BACKBONES as _BACKBONES  # names only: diffusers is not imported
 
 from .cli import positive_int, register_command
+from .quantization import QUANTIZE_CHOICES
 
 
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +36,8 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id")
     p.add_argument("--transformer", default=None, metavar="PATH",
                    help="the TwinFlow transformer from another folder or repo id (a transformer folder, as the "
-                        "published training saves it); --model-path is then the base pipeline")
+                        "published training saves it) or a GGUF file (local or org/name/file.gguf); --model-path is then "
+                        "the base pipeline")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", type=pathlib.Path, help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default=None, help="used only with --guidance-scale > 1")
@@ -55,7 +57,39 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--aux-weights", default=None, metavar="PATH",
+                   help="with a GGUF --transformer that lacks the aux target-time embedder: a safetensors file or "
+                        "transformer folder holding it")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                   help="weight quantization of the transformer and text encoders (the time embedders stay "
+                        "unquantized): int8 / fp8 = torchao weight-only (CPU or GPU), nf4 / bnb-int8 = "
+                        "bitsandbytes (CUDA); see twinflow.quantization")
+    p.add_argument("--offload", default="none", choices=OFFLOAD_CHOICES,
+                   help="keep weights off the device between uses: model = diffusers' model CPU offload "
+                        "(one component at a time), sequential = per layer, group = diffusers' leaf-level group "
+                        "offloading (with CUDA streams on CUDA)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+#: what ``--offload`` takes
+OFFLOAD_CHOICES = ("none", "model", "sequential", "group")
+
+
+def apply_offload(pipe, offload: str, device) -> None:
+    """Turn on one of diffusers' offloading modes on a loaded pipeline (it stays on the CPU and
+    its parts are moved to `device` when they run)."""
+    import torch
+
+    device = torch.device(device)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif offload == "group":
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                  offload_type="leaf_level", use_stream=device.type == "cuda")
+    elif offload != "none":
+        raise ValueError(f"--offload: expected one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
 
 
 def _prompts(args: argparse.Namespace) -> List[str]:
@@ -114,10 +148,13 @@ def _generate(args: argparse.Namespace) -> int:
     dtype = ({"cuda": torch.bfloat16}.get(device.type, torch.float32) if args.dtype == "auto"
              else getattr(torch, args.dtype))
     try:
-        pipe = load_pipeline(args.model_path, args.model, dtype=dtype, device=device, mode=args.mode,
-                             transformer=args.transformer, subfolder=args.subfolder, revision=args.revision)
-    except FileNotFoundError as e:  # the registry reports ValueError as a one-line error
+        pipe = load_pipeline(args.model_path, args.model, dtype=dtype, device=device if args.offload == "none" else None,
+                             mode=args.mode, transformer=args.transformer, subfolder=args.subfolder,
+                             revision=args.revision, aux_weights=args.aux_weights,
+                             quantization_config=None if args.quantize == "none" else args.quantize)
+    except (FileNotFoundError, ImportError) as e:  # the registry reports ValueError as a one-line error
         raise ValueError(str(e)) from e
+    apply_offload(pipe, args.offload, device)
     if args.quiet:
         pipe.set_progress_bar_config(disable=True)
     out_dir: pathlib.Path = args.output_dir
@@ -131,10 +168,12 @@ def _generate(args: argparse.Namespace) -> int:
         "command": "generate", "model": model,
         "model_path": _describe(args.model_path), "subfolder": args.subfolder, "revision": args.revision,
         "transformer": None if args.transformer is None else _describe(args.transformer),
+        "aux_weights": None if args.aux_weights is None else _describe(args.aux_weights),
         "mode": pipe.config["_twinflow"]["mode"], "steps": args.steps,
         "height": args.height, "width": args.width, "seed": args.seed, "num_images": args.num_images,
         "negative_prompt": extra.get("negative_prompt"), "guidance_scale": args.guidance_scale,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "quantize": args.quantize, "offload": args.offload,
         "twinflow_version": __version__, "torch_version": torch.__version__,
     }
     import diffusers

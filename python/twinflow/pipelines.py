@@ -443,7 +443,8 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
                   device=None, mode: Optional[str] = None, scheduler: Optional[TwinFlowScheduler] = None,
                   transformer: Union[None, str, os.PathLike, torch.nn.Module] = None,
                   lora: Union[None, str, os.PathLike] = None,
-                  subfolder: Optional[str] = None, revision: Optional[str] = None, **parts):
+                  subfolder: Optional[str] = None, revision: Optional[str] = None,
+                  quantization_config=None, aux_weights: Union[None, str, os.PathLike] = None, **parts):
     """Load a TwinFlow checkpoint into the stock diffusers pipeline of `model`.
 
     Args:
@@ -463,12 +464,24 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
         transformer: the TwinFlow transformer, when `path` is only the base pipeline: a
             transformer folder (what the published training and our checkpoints write:
             config.json + safetensors), a pipeline folder or Hub repo id holding one under
-            transformer/, or an already loaded transformer module (patched or not).
+            transformer/, a GGUF file (local, or ``org/name/file.gguf`` on the Hub; loaded
+            quantized through diffusers' ``from_single_file``, ``twinflow.gguf_files``), or an
+            already loaded transformer module (patched or not).
         lora: a TwinFlow LoRA in diffusers' layout (``twinflow.lora_files``: a folder with
             ``pytorch_lora_weights.safetensors``), loaded with the pipeline's own
             ``load_lora_weights`` onto the base `path` (mode "lora").
         subfolder: the pipeline folder inside `path` (e.g. a repo holding several).
         revision: the Hub revision (branch, tag or commit) of a repo id.
+        quantization_config: what diffusers' ``from_pretrained`` takes (a
+            ``PipelineQuantizationConfig``, a ``{component: config}`` dict, or one diffusers
+            quantization config for the transformer), or a name from
+            ``twinflow.quantization.QUANTIZE_CHOICES`` ("int8", "fp8": torchao weight-only;
+            "nf4", "bnb-int8": bitsandbytes, CUDA only), which quantizes the transformer and
+            the text encoders. The time embedders (the stock one and the aux target-time one)
+            are never quantized and keep the compute dtype (``twinflow.quantization``).
+            A GGUF `transformer` is already quantized: then this applies to the rest only.
+        aux_weights: for a GGUF `transformer` whose file lacks the aux target-time embedder:
+            a safetensors file or transformer folder holding it (``twinflow.gguf_files``).
         **parts: with a pipeline folder or repo id, components to use instead of the folder's,
             as diffusers' ``from_pretrained`` takes them: a loaded component, or None to leave
             one out (``text_encoder_3=None, tokenizer_3=None``: SD3 without T5). Components the
@@ -512,11 +525,22 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
         if subfolder is not None or revision is not None:
             raise ValueError("subfolder / revision: apply to pipeline folders and Hub repo ids, not to a weights file")
         model, mode, recorded = _resolve_model_mode(model, mode, records)
+        if quantization_config is not None:
+            raise ValueError(f"quantization_config: not supported when loading {model} from a weights file")
         return _load_from_parts(diffusers_patch.backbone(model), path, dtype, dev, mode, scheduler, transformer,
                                 parts, recorded)
     root = resolve_model_path(path, subfolder=subfolder, revision=revision)
-    tfolder = None
-    if isinstance(transformer, (str, os.PathLike)):
+    tfolder = gguf_file = gguf_config = None
+    from . import gguf_files
+
+    if aux_weights is not None and not gguf_files.is_gguf_path(transformer):
+        raise ValueError("aux_weights: applies to a GGUF transformer (transformer='...gguf'); other checkpoints "
+                         "hold their aux target-time embedder themselves")
+    if gguf_files.is_gguf_path(transformer):
+        gguf_file = gguf_files.resolve_gguf_file(transformer, revision)
+        gguf_record, gguf_config = gguf_files.read_record(gguf_file)
+        records.append((gguf_record, str(gguf_file)))
+    elif isinstance(transformer, (str, os.PathLike)):
         tfolder = _transformer_folder(transformer)
         config = _read_json(tfolder / "config.json")
         records.append((saved_format.check_record(config.get(saved_format.KEY), str(tfolder / "config.json")),
@@ -533,13 +557,27 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
         check_transformer_folder(tfolder, model)
     overrides = component_overrides(bb, root, parts)
     root = check_pipeline_folder(root, model, with_transformer=transformer is None, overridden=overrides)
+    tquant, rest_quant = _quantization(bb, root, quantization_config, overrides, dtype, dev)
+    if gguf_file is not None and tquant is not None:
+        raise ValueError(f"quantization_config: {gguf_file} is a GGUF file, already quantized; a config for the "
+                         "transformer does not apply (one for the text encoders does)")
+    if quantization_config is not None and dtype is None:
+        dtype = torch.float32  # explicit: diffusers' torchao path would otherwise pick bfloat16 for the transformer
     load_kw = dict(local_files_only=True, **dtype_kwargs(dtype), **overrides)
+    if rest_quant is not None:
+        load_kw["quantization_config"] = rest_quant
     module = transformer if isinstance(transformer, torch.nn.Module) else None
+    if module is not None and tquant is not None:
+        raise ValueError("quantization_config: quantizes the transformer load_pipeline loads, but transformer= is "
+                         "an already loaded module; quantize it when you load it, or pass its folder")
     if module is not None:
         bb.check(module)
         tdir, aux, source = None, None, f"transformer={type(module).__name__}"
         if dtype is not None:
             module.to(dtype)
+    elif gguf_file is not None:
+        module, aux, source = gguf_files.load_transformer(bb, gguf_file, config_root=root, dtype=dtype, mode=mode,
+                                                          aux_weights=aux_weights, config=gguf_config)
     else:
         tdir = root / "transformer" if tfolder is None else tfolder
         aux, source = read_aux_weights(tdir, bb.aux_prefix), str(tdir)
@@ -547,7 +585,9 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
         if module is None:
             transformer_cls = bb.transformer_class()
             with _aux_keys_expected(transformer_cls, bb.aux_prefix):
-                module = transformer_cls.from_pretrained(tdir, local_files_only=True, **dtype_kwargs(dtype))
+                module = transformer_cls.from_pretrained(
+                    tdir, local_files_only=True, **dtype_kwargs(dtype),
+                    **({} if tquant is None else {"quantization_config": tquant}))
         scheduler = scheduler if scheduler is not None else TwinFlowPresetScheduler()
         pipe = bb.load_pipeline(root, transformer=module, scheduler=scheduler, **load_kw)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -555,13 +595,35 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
     return _finish(bb, pipe, mode, aux, source, dev, recorded=recorded, lora_file=lora_file)
 
 
+def _quantization(bb, root: pathlib.Path, quantization_config, overrides, dtype, dev):
+    """(transformer config, the rest's config) for load_pipeline (``twinflow.quantization``)."""
+    if quantization_config is None:
+        return None, None
+    if hasattr(bb, "load_from_parts"):
+        raise ValueError(f"quantization_config: not supported for {bb.name} (its pipeline is twinflow's own); "
+                         "supported: " + ", ".join(n for n, b in diffusers_patch.backbones().items()
+                                                   if not hasattr(b, "load_from_parts")))
+    from . import quantization
+
+    recorded = _read_json(root / "model_index.json")
+    text_encoders = [k for k, v in recorded.items() if k.startswith("text_encoder") and k not in overrides
+                     and isinstance(v, list) and len(v) == 2 and v[0] == "transformers"]
+    return quantization.pipeline_quantization(quantization_config, transformer_skip=[bb.embed_name, bb.aux_name],
+                                              text_encoders=text_encoders, dtype=dtype, device=dev)
+
+
 def _finish(bb, pipe, mode: str, aux: Optional[Dict[str, torch.Tensor]], source: str, dev, *,
             recorded: bool = False, lora_file: Optional[pathlib.Path] = None):
     """Patch the pipeline's transformer, load its aux weights (None: a given module, whose own
     aux embedder, if attached, is the trained one) and LoRA, wire it to the pipeline (so to
     the scheduler it holds at each call), record what it is, move the pipeline."""
-    from . import lora_files, saved_format
+    from . import lora_files, quantization, saved_format
 
+    embed = getattr(pipe.transformer, bb.embed_name)
+    if quantization.quantized_modules(embed):  # e.g. optimum-quanto, a GGUF file: see twinflow.quantization
+        replaced = quantization.plain_linears(embed, dtype=_compute_dtype(pipe.transformer))
+        logger.info("%s: dequantized the time embedder's %s (time embedders stay unquantized)", source,
+                    ", ".join(replaced))
     if aux is None:
         if mode == "aux" and not isinstance(getattr(pipe.transformer, bb.aux_name, None), torch.nn.Module):
             warnings.warn(f"{source}: no aux target-time embedder ({bb.aux_prefix}*) attached; initialised it as "
@@ -570,6 +632,11 @@ def _finish(bb, pipe, mode: str, aux: Optional[Dict[str, torch.Tensor]], source:
     else:
         bb.patch(pipe.transformer, mode=mode)
         load_aux_weights(pipe.transformer, bb.name, aux, source, recorded=recorded)
+    aux_module = getattr(pipe.transformer, bb.aux_name, None)
+    if isinstance(aux_module, torch.nn.Module) and quantization.quantized_modules(aux_module):
+        raise ValueError(f"{source}: the aux target-time embedder is quantized "
+                         f"({', '.join(quantization.quantized_modules(aux_module))}); it must stay in the compute "
+                         "dtype: load it unquantized")
     if lora_file is not None:
         lora_files.load_into(pipe, lora_file)
     diffusers_patch.set_target_time(pipe.transformer, pipe)
@@ -578,6 +645,15 @@ def _finish(bb, pipe, mode: str, aux: Optional[Dict[str, torch.Tensor]], source:
     if dev is not None:
         pipe.to(dev)
     return pipe
+
+
+def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a (possibly quantized) module computes in: its first plain floating tensor's."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        data = t.data if isinstance(t, torch.nn.Parameter) else t
+        if type(data) is torch.Tensor and data.is_floating_point():
+            return data.dtype
+    return torch.float32
 
 
 def align_pipeline(pipe) -> None:
