@@ -47,7 +47,11 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=positive_int, default=1024,
                    help="image height in pixels (the pipelines need multiples of 16, Sana of 32)")
     p.add_argument("--width", type=positive_int, default=1024, help="image width in pixels")
-    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--num-images", type=positive_int, default=1,
+                   help="images per prompt; image k of a prompt uses seed --seed + k")
+    p.add_argument("--batch-size", type=positive_int, default=1,
+                   help="prompts per transformer call (each image keeps its own seed, so the images do not "
+                        "depend on it); under torchrun each process takes every N-th prompt")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance (true_cfg_scale for Qwen-Image); 1 = off, as TwinFlow models run")
     p.add_argument("--mode", choices=("aux", "lora"), default=None,
@@ -90,6 +94,21 @@ def apply_offload(pipe, offload: str, device) -> None:
                                   offload_type="leaf_level", use_stream=device.type == "cuda")
     elif offload != "none":
         raise ValueError(f"--offload: expected one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
+
+
+def _distributed(device):
+    """(rank, world size): under torchrun (WORLD_SIZE > 1) joins the process group (nccl on CUDA,
+    else gloo) so that rank 0 can count every process's images; (0, 1) otherwise."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _prompts(args: argparse.Namespace) -> List[str]:
@@ -135,6 +154,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import os
+
     import numpy as np
     import torch
 
@@ -145,6 +166,9 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps: must be at most {MAX_SAMPLING_STEPS}, got {args.steps}")
     prompts = _prompts(args)
     device = resolve_device(args.device)
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(local_rank))  # torchrun: one GPU per process
     dtype = ({"cuda": torch.bfloat16}.get(device.type, torch.float32) if args.dtype == "auto"
              else getattr(torch, args.dtype))
     try:
@@ -172,6 +196,7 @@ def _generate(args: argparse.Namespace) -> int:
         "mode": pipe.config["_twinflow"]["mode"], "steps": args.steps,
         "height": args.height, "width": args.width, "seed": args.seed, "num_images": args.num_images,
         "negative_prompt": extra.get("negative_prompt"), "guidance_scale": args.guidance_scale,
+        "batch_size": args.batch_size,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "quantize": args.quantize, "offload": args.offload,
         "twinflow_version": __version__, "torch_version": torch.__version__,
@@ -179,28 +204,47 @@ def _generate(args: argparse.Namespace) -> int:
     import diffusers
 
     settings["diffusers_version"] = diffusers.__version__
+    rank, world = _distributed(device)
+    mine = [(p, prompt) for p, prompt in enumerate(prompts) if p % world == rank]  # prompt p → rank p mod N
+    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     written = 0
-    # The pipeline shows a bar over its steps; this one counts prompts when there are several.
-    for p, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt",
-                                    disable=True if args.quiet or len(prompts) < 2 else None)):
+    # The pipeline shows a bar over its steps; this one counts batches when there are several.
+    for batch in tqdm(batches, desc="batches", unit="batch",
+                      disable=True if args.quiet or len(batches) < 2 else None):
         t0 = time.perf_counter()
-        array = pipe(prompt=prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
-                     num_images_per_prompt=args.num_images, generator=torch.Generator("cpu").manual_seed(args.seed),
-                     output_type="np", **extra).images
+        # one generator per image, seeded --seed + k: an image is the same whatever the batch or process count
+        generators = [torch.Generator("cpu").manual_seed(args.seed + k) for _ in batch for k in range(args.num_images)]
+        call = dict(extra)
+        if "negative_prompt" in call:  # one per prompt of the batch
+            call["negative_prompt"] = [call["negative_prompt"]] * len(batch)
+        array = pipe(prompt=[prompt for _, prompt in batch], height=args.height, width=args.width,
+                     num_inference_steps=args.steps, num_images_per_prompt=args.num_images, generator=generators,
+                     output_type="np", **call).images
         if not np.isfinite(array).all():  # e.g. NaN weights in the VAE: never write a blank image
-            raise ValueError(f"prompt {p}: the decoded images contain NaN or Inf (corrupt weights in "
-                             f"{args.model_path}?); nothing written for it")
+            raise ValueError(f"prompts {[p for p, _ in batch]}: the decoded images contain NaN or Inf (corrupt "
+                             f"weights in {args.model_path}?); nothing written for them")
         images = pipe.numpy_to_pil(array)
         wall = time.perf_counter() - t0
         # The config after the call holds the preset settings this step count used.
         scheduler = {"class": type(pipe.scheduler).__name__,
                      **{k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}}
-        for k, image in enumerate(images):
+        for j, image in enumerate(images):
+            (p, prompt), k = batch[j // args.num_images], j % args.num_images
             stem = f"{p:03d}-{k:02d}"
             image.save(out_dir / f"{stem}.png")
             record = {**settings, "prompt": prompt, "prompt_index": p, "image_index": k, "image": f"{stem}.png",
+                      "image_seed": args.seed + k, "batch": [q for q, _ in batch], "rank": rank, "world_size": world,
                       "scheduler": scheduler, "wall_time_s": round(wall, 4)}
             (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2, default=list) + "\n")
             written += 1
+    if world > 1:
+        import torch.distributed as dist
+
+        counts = [None] * world
+        dist.all_gather_object(counts, written)
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
+        written = sum(counts)
     print(f"wrote {written} images (PNG + JSON) to {out_dir}")
     return 0

@@ -11,9 +11,11 @@ times. Keys of a FlowMatchEuler config that do not apply here (shift, use_dynami
 too.
 
 Reproducibility: stochastic steps draw from ``generator`` when `step` gets one. Stock
-pipelines (QwenImage, ZImage, SD3) never pass it, so otherwise the scheduler seeds its own
-generator from a hash of the first sample it steps (the initial latents, drawn from the
-pipeline's generator): the same pipeline seed gives the same image every run.
+pipelines (QwenImage, ZImage, SD3) never pass it, so otherwise the scheduler seeds one
+generator per row from a hash of that row of the first sample it steps (the initial latents,
+drawn from the pipeline's generator): the same pipeline seed gives the same image every run,
+and an image does not depend on the other images of its batch (with one generator per image,
+``generator=[...]``, batching prompts gives the images of one-prompt calls).
 
 Presets by step count: ``preset_for_steps(n)`` maps 1 → "1-nfe", 2 → "2-nfe", ≥ 3 → "4-nfe"
 (docs/algorithm.md §2 table); ``scheduler_for_steps(n)`` is that preset as a scheduler, and
@@ -113,7 +115,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: Optional[int] = None
         self._stepper: Optional[Stepper] = None
         self._begin_index: Optional[int] = None
-        self._generator: Optional[torch.Generator] = None
+        self._generator: Optional[List[torch.Generator]] = None
         self._started = False
         self._evals: List[tuple] = []
         self._reads_seen = 0
@@ -245,8 +247,9 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
             start = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
             self._stepper.position = start
             self._started = True
-        if generator is None and self._generator is None:
-            self._generator = torch.Generator(device=sample.device).manual_seed(_seed_of(sample))
+        if generator is None and self._generator is None:  # one per row: rows independent of their batch
+            self._generator = [torch.Generator(device=sample.device).manual_seed(_seed_of(sample[i:i + 1]))
+                               for i in range(sample.shape[0])]
         # Work in at least float32 (as FlowMatchEuler does); return the model's dtype.
         work = torch.promote_types(sample.dtype, torch.float32)
         k = self._stepper.position
