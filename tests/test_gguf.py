@@ -94,6 +94,20 @@ def test_round_trip_every_backbone(model, tmp_path):
             assert quantization.quantized_modules(pipe.transformer), t
 
 
+def test_a_gguf_transformer_with_int8_text_encoders(tmp_path):
+    """The low-memory combination: the GGUF file quantizes the transformer, quantization_config
+    "int8" the text encoders (torchao); the aux embedder stays the checkpoint's."""
+    pytest.importorskip("torchao")
+    src = tiny_pipelines.saved_pipeline("qwen-image", "aux")
+    gguf_files.export_gguf(src, tmp_path / "q.gguf", "Q8_0")
+    pipe = load_pipeline(tiny_pipelines.saved_pipeline("qwen-image", "stock"), "qwen-image",
+                         transformer=tmp_path / "q.gguf", quantization_config="int8")
+    assert quantization.quantized_modules(pipe.text_encoder)
+    assert {type(p).__name__ for p in pipe.transformer.parameters()} >= {"GGUFParameter"}
+    check_aux(pipe, "qwen-image", aux_tensors(src / "transformer", "qwen-image"))
+    assert rel_err(generate(pipe, "qwen-image"), generate(load_pipeline(src, "qwen-image"), "qwen-image")) < 0.05
+
+
 def test_what_twinflow_saved_keeps_its_record(tmp_path):
     """A folder twinflow saved records backbone and mode; its GGUF file does too, so loading it
     needs no model= (and a contradicting one is refused)."""
@@ -187,8 +201,11 @@ def test_bad_gguf_input_is_a_clear_error(tmp_path):
                  contains="none.gguf")
     expect_error(ValueError, lambda: load_pipeline(base, "qwen-image", aux_weights=tmp_path),
                  contains="applies to a GGUF transformer")
-    expect_error(ValueError, lambda: load_pipeline(base, "qwen-image", transformer=qwen_file, quantization_config="int8"),
-                 contains="already quantized")
+    import diffusers
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    expect_error(ValueError, lambda: load_pipeline(base, "qwen-image", transformer=qwen_file, quantization_config={
+        "transformer": diffusers.TorchAoConfig(Int8WeightOnlyConfig())}), contains="already quantized")
     expect_error(ValueError, lambda: gguf_files.export_gguf(base, tmp_path / "x.gguf", "Q5_K"), contains="Q8_0")
 
 
@@ -262,3 +279,16 @@ def test_a_sharded_checkpoint_exports_every_tensor(tmp_path):
     for f in (src / "transformer").glob("*.safetensors"):
         want.update({k: v for k, v in load_file(f).items() if k.startswith(prefix)})
     check_aux(pipe, "sana", want)
+
+
+def test_q4_k_falls_back_to_q8_0_for_rows_that_do_not_divide(tmp_path):
+    """Rows that are not a multiple of 256 values (SD3.5-large's 2432-wide layers; here the tiny
+    SD3's) are written Q8_0 instead of being left in float32."""
+    import gguf
+
+    src = tiny_pipelines.saved_pipeline("sd3", "aux")
+    q8 = gguf_files.export_gguf(src, tmp_path / "a.gguf", "Q8_0")
+    q4 = gguf_files.export_gguf(src, tmp_path / "b.gguf", "Q4_K")
+    assert q8["quantized"] == q4["quantized"] > 0
+    types = {t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "b.gguf")).tensors}
+    assert gguf.GGMLQuantizationType.Q8_0 in types and gguf.GGMLQuantizationType.Q4_K not in types

@@ -18,7 +18,8 @@ from twinflow.training.config import load_config, parse_config  # noqa: E402
 # OpenUni's four configs (full, image-free, LoRA 1st/2nd order) are checked in test_train_openuni.py,
 # the CPU smoke config (not a published recipe) in test_tiny.py.
 CONFIGS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
-                 if not p.stem.startswith(("openuni", "smoke")))  # smoke_*: test_tiny.py
+                 if not p.stem.startswith(("openuni", "smoke")) and "_qlora_" not in p.stem)  # smoke_*: test_tiny.py
+QLORA = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*_qlora_*.yaml"))
 MODELS = {"sd35": "sd3", "qwen_image": "qwen-image", "z_image": "z-image", "sana": "sana"}
 BASE = {"model": {"name": "sd3", "pretrained_model_name_or_path": "/x"}}
 
@@ -27,6 +28,16 @@ def test_one_config_per_model_kind_and_order():
     names = {p.stem for p in CONFIGS}
     want = {f"{m}_{k}_{o}order" for m in MODELS for k in ("full", "lora") for o in (1, 2)}
     assert names == want
+
+
+@pytest.mark.parametrize("path", QLORA, ids=lambda p: p.stem)
+def test_qlora_configs_are_their_lora_config_with_a_quantized_base(path):
+    """configs/*_qlora_*.yaml: the published LoRA config of the same model and order, plus
+    model.quantization, gradient checkpointing and the optimizer choice (docs/low_vram.md)."""
+    cfg, base = load_config(path), load_config(path.with_name(path.name.replace("_qlora_", "_lora_")))
+    assert cfg.model.quantization == "nf4" and base.model.quantization is None
+    assert cfg.training.gradient_checkpointing and cfg.training.optimizer == "adamw"
+    assert (cfg.lora, cfg.twinflow, cfg.sampling) == (base.lora, base.twinflow, base.sampling)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

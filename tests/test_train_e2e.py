@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import pathlib
 import signal
@@ -401,3 +402,55 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(env, tmp_path, capsys):
     assert "non-finite loss" in err and "step-000001" in err
     assert (out / "checkpoints" / "step-000001" / "COMPLETE.json").is_file()
     assert not (out / "pipeline").exists()
+
+
+# ----------------------------------------------------------------------------- 8. QLoRA
+
+def test_qlora_on_an_int8_base(env, tmp_path, capsys):
+    """model.quantization: int8 (torchao, runs on the CPU) with LoRA and gradient checkpointing:
+    the frozen base is quantized, the time embedder and the adapter are not, training runs and
+    changes the adapter, and the merged export (base dequantized + adapter) loads and generates
+    an image close to the adapter loaded onto the int8 base."""
+    pytest.importorskip("torchao")
+    import twinflow
+    from twinflow import diffusers_patch, quantization
+    from twinflow.training.config import load_config
+    from twinflow.training.models import add_lora, load_transformer
+
+    lora = ["lora.enabled=true", f"lora.target_modules={LORA_TARGETS}", "lora.rank=4", "lora.alpha=4"]
+    sets = [*lora, "model.quantization=int8", "training.gradient_checkpointing=true", "training.max_steps=2",
+            "training.checkpoint_every=2", "training.sample_every=100"]
+    cfg = load_config(env["cfg"], sets)
+    tr = load_transformer(cfg, diffusers_patch.backbone("sd3"), lora=True, frozen_dtype=torch.float32,
+                          device=torch.device("cpu"))
+    tr.requires_grad_(False)
+    add_lora(tr, cfg.lora, "online")
+    assert quantization.quantized_modules(tr)  # the frozen base
+    assert quantization.quantized_modules(tr.time_text_embed) == []
+    assert {n for n, p in tr.named_parameters() if p.requires_grad} and all(
+        "lora_" in n for n, p in tr.named_parameters() if p.requires_grad)
+    out = tmp_path / "q"
+    assert _train(env["cfg"], env["data"], out, *sets) == 0
+    assert all(math.isfinite(m["loss"]) for m in _metrics(out) if "loss" in m)
+    adapter = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    assert adapter and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    merged = twinflow.load_pipeline(out / "pipeline", mode="lora")
+    img = merged("x", num_inference_steps=2, height=16, width=16, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    on_int8 = twinflow.load_pipeline(env["sd3"], lora=out / "lora", quantization_config="int8")
+    again = on_int8("x", num_inference_steps=2, height=16, width=16, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(img).all() and ((img - again).norm() / again.norm()) < 0.05
+
+
+def test_qlora_and_8bit_adam_errors(env, tmp_path, capsys):
+    cases = [(["model.quantization=int8"], "set lora.enabled: true"),
+             (["model.quantization=int3"], "model.quantization"),
+             (["training.optimizer=sgd"], "training.optimizer")]
+    if not torch.cuda.is_available():
+        cases.append((["training.optimizer=adamw8bit", "training.max_steps=1"], "runs on CUDA only"))
+    for sets, needle in cases:
+        capsys.readouterr()
+        assert _train(env["cfg"], env["data"], tmp_path / "e", *sets) == 1, sets
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and needle in err[-1], (sets, err)

@@ -12,7 +12,8 @@ Writing (``twinflow export-gguf SOURCE --type Q8_0|Q4_K|BF16 -o out.gguf``): the
 of a TwinFlow pipeline folder or transformer folder, diffusers key names (diffusers' single-file
 loader reads them as they are), the time embedders and every 1-D or small tensor in float32
 (never quantized), the other linear-layer weights in the chosen type (diffusers' GGUF loader
-computes only with those quantized). The file records what it is
+computes only with those quantized; a Q4_K row that is not a multiple of 256 values falls back
+to Q8_0). The file records what it is
 (``twinflow.backbone``, ``twinflow.mode``, ``twinflow.transformer_config``), so loading it
 needs neither ``--model`` nor the base's transformer config.
 
@@ -273,6 +274,18 @@ def _backbone_of(config: dict, where: pathlib.Path):
     raise ValueError(f"{where / 'config.json'}: {config.get('_class_name')!r} is not a registered TwinFlow backbone")
 
 
+def _tensor_type(gguf, qtype, t: torch.Tensor, keep: bool):
+    """The GGUF type of one tensor: None (float32) for what stays unquantized, else `qtype`, or
+    Q8_0 when a row does not divide into Q4_K's 256-value blocks (as llama.cpp falls back; e.g.
+    SD3.5-large's 2432-wide layers)."""
+    if keep or t.numel() < SMALL:
+        return None
+    if t.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+        return qtype
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    return q8 if t.shape[-1] % gguf.GGML_QUANT_SIZES[q8][0] == 0 else None
+
+
 def _linear_weights(bb, config: dict) -> set:
     """The weight names of the transformer's nn.Linear layers (built on the meta device from
     `config`): the only tensors diffusers' GGUF loader computes with quantized (GGUFLinear)."""
@@ -297,7 +310,6 @@ def export_gguf(source: Union[str, os.PathLike], out: Union[str, os.PathLike], g
     config = _files.read_json(tdir / "config.json")
     bb, mode = _backbone_of(config, tdir)
     qtype = getattr(gguf.GGMLQuantizationType, gguf_type)
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), arch=bb.name.replace("-", "_"))
@@ -314,12 +326,13 @@ def export_gguf(source: Union[str, os.PathLike], out: Union[str, os.PathLike], g
             for key in h.keys():
                 t = h.get_tensor(key).float()
                 total += 1
-                if (key.startswith(keep) or key not in linear or t.numel() < SMALL or t.shape[-1] % block != 0):
+                kind = _tensor_type(gguf, qtype, t, key.startswith(keep) or key not in linear)
+                if kind is None:
                     writer.add_tensor(key, t.numpy())
                     continue
                 arr = t.numpy()
-                data = quantize_q4_k(arr) if gguf_type == "Q4_K" else gguf.quants.quantize(arr, qtype)
-                writer.add_tensor(key, data, raw_dtype=qtype)
+                data = quantize_q4_k(arr) if kind == gguf.GGMLQuantizationType.Q4_K else gguf.quants.quantize(arr, kind)
+                writer.add_tensor(key, data, raw_dtype=kind)
                 quantized += 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

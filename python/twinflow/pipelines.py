@@ -479,7 +479,8 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
             "nf4", "bnb-int8": bitsandbytes, CUDA only), which quantizes the transformer and
             the text encoders. The time embedders (the stock one and the aux target-time one)
             are never quantized and keep the compute dtype (``twinflow.quantization``).
-            A GGUF `transformer` is already quantized: then this applies to the rest only.
+            A GGUF `transformer` is already quantized: then a name applies to the text encoders
+            only, and a config for the transformer is a ValueError.
         aux_weights: for a GGUF `transformer` whose file lacks the aux target-time embedder:
             a safetensors file or transformer folder holding it (``twinflow.gguf_files``).
         **parts: with a pipeline folder or repo id, components to use instead of the folder's,
@@ -559,8 +560,10 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
     root = check_pipeline_folder(root, model, with_transformer=transformer is None, overridden=overrides)
     tquant, rest_quant = _quantization(bb, root, quantization_config, overrides, dtype, dev)
     if gguf_file is not None and tquant is not None:
-        raise ValueError(f"quantization_config: {gguf_file} is a GGUF file, already quantized; a config for the "
-                         "transformer does not apply (one for the text encoders does)")
+        if not isinstance(quantization_config, str):
+            raise ValueError(f"quantization_config: {gguf_file} is a GGUF file, already quantized; a config for "
+                             "the transformer does not apply (one for the text encoders does)")
+        tquant = None  # a name: the GGUF file is the transformer's quantization, the name the text encoders'
     if quantization_config is not None and dtype is None:
         dtype = torch.float32  # explicit: diffusers' torchao path would otherwise pick bfloat16 for the transformer
     load_kw = dict(local_files_only=True, **dtype_kwargs(dtype), **overrides)

@@ -31,8 +31,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["QUANTIZE_CHOICES", "describe", "pipeline_quantization", "plain_linears", "quantized_modules",
-           "require_backend"]
+__all__ = ["QUANTIZE_CHOICES", "dequantized_state_dict", "describe", "pipeline_quantization", "plain_linears",
+           "quantized_modules", "require_backend"]
 
 #: name → (backend, pip package, what it is, devices it runs on)
 _MODES: Dict[str, Tuple[str, str, str, Tuple[str, ...]]] = {
@@ -213,3 +213,22 @@ def plain_linears(module: nn.Module, dtype: Optional[torch.dtype] = None) -> Lis
         setattr(parent, leaf, plain)
         replaced.append(name)
     return replaced
+
+
+def dequantized_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """The parameters and persistent buffers of `module` as plain tensors, quantized weights
+    dequantized (the backends' own bookkeeping entries left out): what a merged QLoRA export
+    saves."""
+    out: Dict[str, torch.Tensor] = {}
+    for mname, m in module.named_modules():
+        prefix = f"{mname}." if mname else ""
+        quantized = _is_quantized_linear(m)
+        for pname, p in m.named_parameters(recurse=False):
+            if quantized or _is_quantized_tensor(p):
+                out[prefix + pname] = _dequantize(m, p, pname == "weight").detach()
+            else:
+                out[prefix + pname] = p.detach()
+        for bname, b in m.named_buffers(recurse=False):
+            if b is not None and bname not in m._non_persistent_buffers_set:
+                out[prefix + bname] = b.detach()
+    return out

@@ -56,6 +56,11 @@ def save_diffusers(folder: pathlib.Path, config_owner, state_dict: Dict[str, tor
 
     folder.mkdir(parents=True, exist_ok=True)
     config_owner.save_config(folder)
+    if any(type(v.data if isinstance(v, torch.nn.Parameter) else v) is not torch.Tensor for v in state_dict.values()):
+        raise ValueError("save_diffusers: quantized tensors in the state dict; dequantize them first")
+    config = json.loads((folder / "config.json").read_text())
+    if config.pop("quantization_config", None) is not None:  # a QLoRA base: these weights are plain
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     split = split_torch_state_dict_into_shards(state_dict, filename_pattern=WEIGHTS, max_shard_size="10GB")
     for fname, keys in split.filename_to_tensors.items():
         save_file({k: state_dict[k].contiguous() for k in keys}, str(folder / fname), metadata={"format": "pt"})

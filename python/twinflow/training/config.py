@@ -19,6 +19,7 @@ from .._core import LOSS_SETTINGS
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("bf16", "no")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass
@@ -27,6 +28,10 @@ class ModelConfig:
     pretrained_model_name_or_path: str = ""
     #: dtype of the frozen parts (VAE, text encoders, the LoRA base): float32 | bfloat16
     frozen_dtype: str = "float32"
+    #: QLoRA: the frozen LoRA base and text encoders quantized (twinflow.quantization names:
+    #: int8 / fp8 = torchao, nf4 / bnb-int8 = bitsandbytes on CUDA); the adapter and the time
+    #: embedders stay in full precision. None: not quantized
+    quantization: Optional[str] = None
 
 
 @dataclass
@@ -57,6 +62,8 @@ class TrainingConfig:
     grad_accum_steps: int = 1
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False
+    #: adamw (torch) | adamw8bit (bitsandbytes' 8-bit AdamW: optimizer state in 8 bits; CUDA)
+    optimizer: str = "adamw"
     seed: int = 0
     #: auto: FSDP2 for full fine-tuning on > 1 process, DDP for LoRA; none: single process only
     strategy: str = "auto"
@@ -263,6 +270,17 @@ def _check(cfg: RunConfig, err: _Err) -> None:
         raise err.value("model.pretrained_model_name_or_path", "required (a local pipeline folder)")
     if m.frozen_dtype not in ("float32", "bfloat16"):
         raise err.value("model.frozen_dtype", f"expected float32 or bfloat16, got {m.frozen_dtype!r}")
+    from ..quantization import QUANTIZE_CHOICES
+
+    if m.quantization == "none":
+        m.quantization = None
+    if m.quantization is not None and m.quantization not in QUANTIZE_CHOICES:
+        raise err.value("model.quantization", f"expected one of {list(QUANTIZE_CHOICES)}, got {m.quantization!r}")
+    if m.quantization is not None and not cfg.lora.enabled:
+        raise err.value("model.quantization", "quantizes the frozen LoRA base (QLoRA): set lora.enabled: true "
+                                              "(a full fine-tune updates every weight, which cannot stay quantized)")
+    if t.optimizer not in OPTIMIZERS:
+        raise err.value("training.optimizer", f"expected one of {list(OPTIMIZERS)}, got {t.optimizer!r}")
     positive = {"training.epochs": t.epochs, "training.batch_size": t.batch_size,
                 "training.grad_accum_steps": t.grad_accum_steps, "training.checkpoint_every": t.checkpoint_every,
                 "training.keep_last": t.keep_last, "training.sample_every": t.sample_every,

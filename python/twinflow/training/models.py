@@ -44,7 +44,7 @@ class TwinFlowModel(nn.Module):
 
 
 def load_transformer(cfg, family: Backbone, *, lora: bool, frozen_dtype: torch.dtype,
-                     resuming: bool = False) -> nn.Module:
+                     resuming: bool = False, device=None) -> nn.Module:
     """The pretrained transformer (float32 master weights; the LoRA base in model.frozen_dtype),
     patched as a TwinFlow backbone: aux embedder (full) or the single t − tt/2 label (LoRA).
     `resuming`: a checkpoint's trained weights replace these next, so a base without aux weights
@@ -57,7 +57,14 @@ def load_transformer(cfg, family: Backbone, *, lora: bool, frozen_dtype: torch.d
     from twinflow.saved_format import KEY, make_record
 
     dtype = frozen_dtype if lora else torch.float32
-    transformer = family.transformer_class().from_pretrained(root / "transformer", **dtype_kwargs(dtype))
+    qcfg = None
+    if getattr(cfg.model, "quantization", None):  # QLoRA: the frozen base quantized, time embedders not
+        from twinflow.quantization import pipeline_quantization
+
+        qcfg, _ = pipeline_quantization(cfg.model.quantization, transformer_skip=[family.embed_name, family.aux_name],
+                                        text_encoders=[], dtype=dtype, device=device)
+    transformer = family.transformer_class().from_pretrained(root / "transformer", **dtype_kwargs(dtype),
+                                                              **({} if qcfg is None else {"quantization_config": qcfg}))
     align_module(transformer)  # the file layout must not change a step's bits (twinflow._alignment)
     family.patch(transformer, mode="lora" if lora else "aux")
     # every transformer/ this run saves records what it is
@@ -88,12 +95,15 @@ class TextEncoder:
     """The pipeline's own ``encode_prompt`` (its text encoders and tokenizers), frozen."""
 
     def __init__(self, cfg, family: Backbone, device, dtype: torch.dtype):
-        from twinflow.pipelines import align_pipeline, component_overrides, dtype_kwargs
+        from twinflow.pipelines import _quantization, align_pipeline, component_overrides, dtype_kwargs
 
         root = cfg.model.pretrained_model_name_or_path
         left_out = component_overrides(family, pathlib.Path(root), {})  # e.g. SD3 saved without T5
+        quant = getattr(cfg.model, "quantization", None)
+        _, rest = _quantization(family, pathlib.Path(root), quant, left_out, dtype, device) if quant else (None, None)
         self.pipe = family.pipeline_class().from_pretrained(root, **{**left_out, "transformer": None, "vae": None},
-                                                            **dtype_kwargs(dtype))
+                                                            **dtype_kwargs(dtype),
+                                                            **({} if rest is None else {"quantization_config": rest}))
         align_pipeline(self.pipe)
         for name, comp in self.pipe.components.items():
             if isinstance(comp, nn.Module):

@@ -117,7 +117,7 @@ class Trainer:
 
         # model, teacher, wrapping, optimizer
         transformer = load_transformer(cfg, self.family, lora=self.lora, frozen_dtype=self.frozen_dtype,
-                                       resuming=resume_from is not None)
+                                       resuming=resume_from is not None, device=d.device)
         if t.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if self.lora:
@@ -135,8 +135,7 @@ class Trainer:
                     return shard(m, m.transformer, self.family.block_attrs, reshard_root=True)
             bind_full(self.teacher, self.model, shard_fn)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                     weight_decay=t.weight_decay)
+        self.opt = make_optimizer(t, self.params, d.device)
         per_pass = len(self.loader) // self.accum
         if per_pass < 1:
             raise ValueError(f"one pass over the data gives {len(self.loader)} micro-batches per process, fewer than "
@@ -501,11 +500,32 @@ def _merged_lora_state_dict(transformer) -> Dict[str, torch.Tensor]:
     second copy of a large model is made."""
     from peft.tuners.lora import LoraLayer
 
-    out = {k.replace(".base_layer.", "."): v.detach().cpu()
-           for k, v in transformer.state_dict().items() if "lora_" not in k}
+    from ..quantization import dequantized_state_dict
+
+    # a QLoRA base is dequantized: the export is the function that was trained (base as the
+    # adapter saw it, plus the adapter), in plain tensors
+    plain = dequantized_state_dict(transformer)
+    out = {k.replace(".base_layer.", "."): v.cpu() for k, v in plain.items() if "lora_" not in k}
     with torch.no_grad():
         for name, m in transformer.named_modules():
             if isinstance(m, LoraLayer) and ONLINE_ADAPTER in m.lora_A:
-                w = m.get_base_layer().weight
+                w = plain[f"{name}.base_layer.weight"]
                 out[f"{name}.weight"] = (w.float() + m.get_delta_weight(ONLINE_ADAPTER).float()).to(w.dtype).cpu()
     return out
+
+
+def make_optimizer(t, params, device) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (``training.optimizer: adamw8bit``: its state in 8 bits,
+    a quarter of AdamW's; CUDA only)."""
+    kw = dict(lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    if device.type != "cuda":
+        raise ValueError(f"training.optimizer: adamw8bit (bitsandbytes) runs on CUDA only, not on {device.type}; "
+                         "use adamw")
+    from twinflow.quantization import require_backend
+
+    require_backend("bitsandbytes")
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, **kw)
