@@ -188,6 +188,17 @@ def main() -> int:
                 host = sum(w.values()) if offload != "none" else 0.0  # offloaded weights wait in CPU memory
                 print(f"| {pipe['label']} | {fmt} | {offload} | {peak / GB:.1f} | {fits(16)} | {fits(24)} | "
                       f"{host / GB:.1f} |")
+    print("\n## Peak GB by offload mode (rows) and weight format (columns); * fits 16 GB, ** fits 24 GB only\n")
+    print("| pipeline | offload | " + " | ".join(FORMATS) + " |")
+    print("|---|---|" + "---:|" * len(FORMATS))
+    for name, pipe in out.items():
+        for offload in ("none", "model", "group"):
+            cells = []
+            for fmt in FORMATS:
+                peak = pipe["peaks"][f"{fmt}/{offload}"]
+                mark = "*" if peak + GB <= 16 * GB else "**" if peak + GB <= 24 * GB else ""
+                cells.append(f"{peak / GB:.1f}{mark}")
+            print(f"| {pipe['label']} | {offload} | " + " | ".join(cells) + " |")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1, default=float) + "\n")

@@ -247,7 +247,8 @@ def plot(out: Path) -> None:
         for i, name in enumerate(VARIANTS):
             rows = [r for r in _rows(name) if r["nfe"] == nfe and r["num_samples"] < 10000]
             if rows:  # the long runs in strong colours of their own, the short ones in tab20's
-                long = {"er0_const": "tab:red", "er0_cos4k": "tab:blue", "er0_cos10k": "tab:green"}
+                long = {"er0_const": "tab:red", "er0_const_seed1": "tab:orange", "er0_cos4k": "tab:blue",
+                        "er0_cos10k": "tab:green"}
                 ax.plot([r["total_steps"] - 1500 for r in rows], [r["fid"] for r in rows], marker="o", ms=3,
                         color=long.get(name, plt.cm.tab20(i % 20)), lw=2.2 if name in long else 1.0, label=name)
         if "fid_50step_2k" in ref:
