@@ -41,6 +41,7 @@ BACKBONES = {
     "sd3": "sd3",
     "sana": "sana",
     "openuni": "openuni",
+    "flux": "flux",
 }
 
 __all__ = ["BACKBONES", "Backbone", "backbone", "backbones", "canonical_name", "module_for", "patch",

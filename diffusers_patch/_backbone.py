@@ -26,7 +26,7 @@ from torch import nn
 
 from ._common import fresh_copy, install, uninstall
 
-__all__ = ["Backbone", "MIN_DIFFUSERS", "normal_init", "ones_mask"]
+__all__ = ["Backbone", "MIN_DIFFUSERS", "TimestepPath", "normal_init", "ones_mask", "pack_2x2", "unpack_2x2"]
 
 
 def normal_init(embed: nn.Module, std: float = 0.02) -> nn.Module:
@@ -47,6 +47,40 @@ def ones_mask(embeds: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tenso
     if mask is None:
         return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     return mask
+
+
+class TimestepPath(nn.Module):
+    """An aux embedder emb₂ made of the timestep path of a main embedder: its sinusoidal
+    projection (``time_proj``, no weights) and MLP (``timestep_embedder``), applied to tt in the
+    embedder's own units; keys ``timestep_embedder.linear_{1,2}.*`` (Qwen-Image as published, FLUX)."""
+
+    def __init__(self, time_proj: nn.Module, timestep_embedder: nn.Module):
+        super().__init__()
+        self.time_proj = time_proj
+        self.timestep_embedder = timestep_embedder
+
+    @classmethod
+    def copy_of(cls, embed: nn.Module) -> "TimestepPath":
+        """Deep copies of `embed`'s ``time_proj`` and ``timestep_embedder`` (copy initialisation)."""
+        import copy
+
+        return cls(copy.deepcopy(embed.time_proj), copy.deepcopy(embed.timestep_embedder))
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.timestep_embedder(self.time_proj(timestep).to(dtype=dtype))
+
+
+def pack_2x2(x: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C, h, w] → tokens [B, (h/2)(w/2), 4C]: 2×2 patches, as the Qwen-Image and FLUX
+    pipelines pack them (``_pack_latents``)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_2x2(tokens: torch.Tensor, shape) -> torch.Tensor:
+    """The inverse of ``pack_2x2`` for latents of `shape` [B, C, h, w] (``_unpack_latents``)."""
+    b, c, h, w = shape
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 #: The oldest diffusers twinflow supports (pyproject.toml's floor). ``ZImagePipeline`` came in

@@ -21,12 +21,9 @@ With ``zero_cond_t`` (edit models) the transformer embeds ``cat([t, 0·t])``: th
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from torch import nn
 
-from ._backbone import Backbone, ones_mask
+from ._backbone import Backbone, TimestepPath, ones_mask, pack_2x2, unpack_2x2
 from ._common import TT_ATTR, lora_label, target_time
 
 AUX_PREFIX = "time_text_embed_2."
@@ -36,17 +33,12 @@ _AUX_NAME = AUX_PREFIX[:-1]
 __all__ = ["AUX_PREFIX", "BACKBONE", "patch", "unpatch"]
 
 
-class QwenAuxTimeEmbed(nn.Module):
-    """emb₂: the main embedder's sinusoidal projection (×1000) and MLP, applied to tt."""
+class QwenAuxTimeEmbed(TimestepPath):
+    """emb₂: the main embedder's sinusoidal projection (×1000) and MLP, applied to tt; called as
+    the main embedder is, with the hidden states giving the dtype."""
 
-    def __init__(self, time_proj: nn.Module, timestep_embedder: nn.Module):
-        super().__init__()
-        self.time_proj = time_proj
-        self.timestep_embedder = timestep_embedder
-
-    def forward(self, timestep: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        proj = self.time_proj(timestep)
-        return self.timestep_embedder(proj.to(dtype=hidden_states.dtype))
+    def forward(self, timestep: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(timestep, hidden_states.dtype)
 
 
 def _time_and_target(transformer, timestep: torch.Tensor):
@@ -82,15 +74,14 @@ class QwenImage(Backbone):
 
     def make_aux(self, embed):
         # Only the timestep path: a full copy would also bring addition_t_embedding.
-        return QwenAuxTimeEmbed(copy.deepcopy(embed.time_proj), copy.deepcopy(embed.timestep_embedder))
+        return QwenAuxTimeEmbed.copy_of(embed)
 
     def call(self, transformer, x, t, cond):
         # QwenImagePipeline._pack_latents / _unpack_latents: 2×2 patches become tokens.
         b, c, h, w = x.shape
-        tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-        out = transformer(hidden_states=tokens, encoder_hidden_states=cond[0], encoder_hidden_states_mask=cond[1],
+        out = transformer(hidden_states=pack_2x2(x), encoder_hidden_states=cond[0], encoder_hidden_states_mask=cond[1],
                           timestep=t, img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return unpack_2x2(out, x.shape)
 
     def encode_text(self, pipe, texts, device):
         pe, mask = pipe.encode_prompt(prompt=texts, device=device)

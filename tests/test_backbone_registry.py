@@ -59,8 +59,8 @@ def test_the_old_registry_names_still_work_with_a_warning():
 
 
 def test_unknown_backbone_names_the_choices():
-    with pytest.raises(ValueError, match="unknown backbone 'flux'.*sd3"):
-        diffusers_patch.backbone("flux")
+    with pytest.raises(ValueError, match="unknown backbone 'hidream'.*sd3"):
+        diffusers_patch.backbone("hidream")
 
 
 class _OwnSD3Pipeline(diffusers.StableDiffusion3Pipeline):

@@ -268,7 +268,7 @@ def folder(tmp_path):
 def test_errors_name_the_problem(folder, tmp_path):
     expect_error(FileNotFoundError, lambda: load_pipeline(tmp_path / "nope", "sd3"), contains="no such folder")
     expect_error(FileNotFoundError, lambda: load_pipeline(tmp_path, "sd3"), contains="model_index.json")
-    expect_error(ValueError, lambda: load_pipeline(folder, "flux"), contains=("unknown", "flux"))
+    expect_error(ValueError, lambda: load_pipeline(folder, "hidream"), contains=("unknown", "hidream"))
     expect_error(ValueError, lambda: load_pipeline(folder, "sana"),
                  contains=("SD3Transformer2DModel", "SanaTransformer2DModel"))
     expect_error(ValueError, lambda: load_pipeline(folder, "sd3", mode="both"), contains="mode")

@@ -35,10 +35,13 @@ def _one_thread():
 SETTINGS = dict(stochast_ratio=0.0, rfba_gap_steps=(0.001, 0.6), sampling_style="few")
 # Guidance off (Z-Image's pipeline guides for any scale > 0; Qwen-Image only with a negative prompt).
 NO_CFG = {"sd3": dict(guidance_scale=1.0), "sana": dict(guidance_scale=1.0), "z-image": dict(guidance_scale=0.0),
-          "qwen-image": {}}
+          "qwen-image": {}, "flux": dict(true_cfg_scale=1.0)}  # FLUX: guidance_scale is the distilled embedding
 
 
 def _latent_shape(pipe, model):
+    if model == "flux":  # FluxPipeline.prepare_latents: 2·(size // (2·vae_scale_factor)), 2×2-packed channels
+        side = 2 * (TEST_SIZE // (2 * pipe.vae_scale_factor))
+        return (1, pipe.transformer.config.in_channels // 4, side, side)
     if model == "qwen-image":
         return (1, pipe.transformer.config.in_channels // 4, 1, TEST_SIZE // pipe.vae_scale_factor,
                 TEST_SIZE // pipe.vae_scale_factor)
@@ -48,7 +51,7 @@ def _latent_shape(pipe, model):
 
 def _pipeline_latents(pipe, model, noise):
     """What the stock pipeline passes as `latents` (packed for Qwen-Image) → our [B, C, h, w]."""
-    if model == "qwen-image":
+    if model in ("qwen-image", "flux"):
         b, c, h, w = noise.shape
         return pipe._pack_latents(noise, b, c, h, w)
     return noise
@@ -80,7 +83,7 @@ def test_model_call_matches_stock_pipeline(model):
     torch.testing.assert_close(ours, stock.reshape(ours.shape), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("model", ["sana", "z-image"])  # SD3 and Qwen-Image train end to end in test_train_e2e
+@pytest.mark.parametrize("model", ["sana", "z-image", "flux"])  # SD3 and Qwen-Image train end to end in test_train_e2e
 def test_one_training_step(model):
     family = backbone(model)
     pipe = build(model)
@@ -107,7 +110,7 @@ def test_one_training_step(model):
     assert img.shape == (4, 3, TEST_SIZE, TEST_SIZE)
 
 
-CONFIG = {"sd3": "sd35", "qwen-image": "qwen_image", "z-image": "z_image", "sana": "sana"}
+CONFIG = {"sd3": "sd35", "qwen-image": "qwen_image", "z-image": "z_image", "sana": "sana", "flux": "flux"}
 
 
 @pytest.mark.parametrize("model", sorted(CONFIG))  # OpenUni: test_train_openuni.py (LoRA through twinflow train)

@@ -20,7 +20,7 @@ from twinflow.training.config import load_config, parse_config  # noqa: E402
 CONFIGS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
                  if not p.stem.startswith(("openuni", "smoke")) and "_qlora_" not in p.stem)  # smoke_*: test_tiny.py
 QLORA = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*_qlora_*.yaml"))
-MODELS = {"sd35": "sd3", "qwen_image": "qwen-image", "z_image": "z-image", "sana": "sana"}
+MODELS = {"sd35": "sd3", "qwen_image": "qwen-image", "z_image": "z-image", "sana": "sana", "flux": "flux"}
 BASE = {"model": {"name": "sd3", "pretrained_model_name_or_path": "/x"}}
 
 
@@ -49,8 +49,9 @@ def test_published_settings(path):
     tf, t = cfg.twinflow, cfg.training
     assert cfg.lora.enabled is lora
     assert tf.estimate_order == int(order[0])
-    # docs/algorithm.md §3.7, the published configs (Z-Image: Qwen-Image's; Sana: OpenUni's)
-    fam = {"z_image": "qwen_image"}.get(key, key)
+    # docs/algorithm.md §3.7, the published configs (Z-Image and FLUX, unpublished: Qwen-Image's;
+    # Sana: OpenUni's)
+    fam = {"z_image": "qwen_image", "flux": "qwen_image"}.get(key, key)
     assert t.lr == (1e-4 if lora or fam == "sana" else 1e-5)
     assert t.adam_betas == ((0.9, 0.95) if fam == "sana" else (0.9, 0.99))
     assert (t.grad_clip, t.weight_decay, t.mixed_precision, t.lr_scheduler) == (1.0, 0.0, "bf16", "constant")
@@ -88,7 +89,7 @@ def test_overrides_apply_and_validate(tmp_path):
     ({"training": {"adam_betas": [0.9]}}, ValueError, ["training.adam_betas", "2 values"]),
     ({"training": {"adam_betas": [0.9, 1.5]}}, ValueError, ["training.adam_betas[1]", "[0, 1)"]),
     ({"training": {"lr_scheduler": "wiggly"}}, ValueError, ["training.lr_scheduler", "wiggly"]),
-    ({"model": {"name": "flux"}}, ValueError, ["model.name", "flux"]),
+    ({"model": {"name": "hidream"}}, ValueError, ["model.name", "hidream"]),
     ({"model": {"pretrained_model_name_or_path": ""}}, ValueError, ["model.pretrained_model_name_or_path"]),
     ({"lora": {"enabled": True}}, ValueError, ["lora.target_modules"]),
     ({"lora": {"enabled": True, "target_modules": ["to_q"]}, "training": {"strategy": "fsdp"}},

@@ -24,7 +24,7 @@ import torch
 __all__ = ["BACKBONES", "TEST_SIZE", "build", "build_transformer", "tiny_dc_ae"]
 
 #: the backbones a tiny pipeline is built for
-BACKBONES = ("qwen-image", "z-image", "sd3", "sana")
+BACKBONES = ("qwen-image", "z-image", "sd3", "sana", "flux")
 #: an image size (pixels) every tiny pipeline accepts
 TEST_SIZE = 32
 
@@ -120,8 +120,18 @@ def _sana_transformer():
         sample_size=32)
 
 
+def _flux_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    # guidance_embeds: FLUX.1-dev's guidance-distilled layout (schnell has none)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8))
+
+
 TRANSFORMERS = {"qwen-image": _qwen_image_transformer, "z-image": _z_image_transformer, "sd3": _sd3_transformer,
-                "sana": _sana_transformer}
+                "sana": _sana_transformer, "flux": _flux_transformer}
 
 
 def build_transformer(model: str):
@@ -169,19 +179,31 @@ def build_z_image():
                           text_encoder=text_encoder, tokenizer=_qwen_tokenizer(chat_template=True))
 
 
+def _tiny_kl_vae():
+    """SD3's and FLUX's tiny AutoencoderKL (4 latent channels, no downsampling; their shift/scale)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def _tiny_clip_config(**kw):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=2, vocab_size=520, hidden_act="gelu", **kw)
+
+
 def build_sd3():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     transformer = _sd3_transformer()
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    vae = _tiny_kl_vae()
     # Two CLIP encoders (pooled 2 × 32 = pooled_projection_dim) and a T5 of width joint_attention_dim.
-    clip = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                          num_attention_heads=4, num_hidden_layers=2, vocab_size=520, projection_dim=32,
-                          hidden_act="gelu")
+    clip = _tiny_clip_config(projection_dim=32)
     te1 = CLIPTextModelWithProjection(clip).eval()
     te2 = CLIPTextModelWithProjection(clip).eval()
     te3 = T5EncoderModel(T5Config(vocab_size=100, d_model=64, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
@@ -189,6 +211,22 @@ def build_sd3():
     return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
                                     text_encoder=te1, tokenizer=_clip_tokenizer(), text_encoder_2=te2,
                                     tokenizer_2=_clip_tokenizer(), text_encoder_3=te3, tokenizer_3=_t5_tokenizer())
+
+
+def build_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = _flux_transformer()
+    vae = _tiny_kl_vae()
+    # CLIP gives the pooled text (pooled_projection_dim), T5 the sequence (joint_attention_dim).
+    clip = _tiny_clip_config()
+    te1 = CLIPTextModel(clip).eval()
+    te2 = T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                                  relative_attention_num_buckets=8)).eval()
+    return FluxPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                        text_encoder=te1, tokenizer=_clip_tokenizer(), text_encoder_2=te2, tokenizer_2=_t5_tokenizer())
 
 
 def tiny_dc_ae():
@@ -218,7 +256,8 @@ def build_sana():
                         text_encoder=text_encoder, tokenizer=_gemma_tokenizer())
 
 
-BUILDERS = {"qwen-image": build_qwen_image, "z-image": build_z_image, "sd3": build_sd3, "sana": build_sana}
+BUILDERS = {"qwen-image": build_qwen_image, "z-image": build_z_image, "sd3": build_sd3, "sana": build_sana,
+            "flux": build_flux}
 
 
 def build(model: str):
