@@ -24,9 +24,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._common import fresh_copy, install, uninstall
+from ._common import fresh_copy, install, lora_label, scaled_times, uninstall
 
-__all__ = ["Backbone", "MIN_DIFFUSERS", "TimestepPath", "normal_init", "ones_mask", "pack_2x2", "unpack_2x2"]
+__all__ = ["Backbone", "MIN_DIFFUSERS", "TimestepPath", "normal_init", "ones_mask", "pack_2x2", "scaled_timestep_forwards",
+           "unpack_2x2"]
 
 
 def normal_init(embed: nn.Module, std: float = 0.02) -> nn.Module:
@@ -68,6 +69,34 @@ class TimestepPath(nn.Module):
 
     def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.timestep_embedder(self.time_proj(timestep).to(dtype=dtype))
+
+
+def scaled_timestep_forwards(aux_name: str, time_scale: float, aux_gets: str = "args") -> Dict[str, Callable]:
+    """The two hooks of a family whose time embedder is called as ``embed(timestep, *rest)`` with
+    ``timestep = t · time_scale`` and returns one tensor — the whole time mapping of such a family
+    is these two numbers (docs/algorithm.md §4):
+
+    * "aux":  ``embed(S·t, *rest) + aux(S·tt, ...)·(t − tt)``, the aux embedder getting the
+      embedder's other arguments (``aux_gets="args"``: a full copy of the embedder, SD3) or the
+      output dtype (``"dtype"``: a ``TimestepPath``, FLUX);
+    * "lora": ``embed(S·(t − tt/2), *rest)``, the stock embedder at the LoRA label, no weights.
+    """
+    if aux_gets not in ("args", "dtype"):
+        raise ValueError(f'aux_gets: expected "args" or "dtype", got {aux_gets!r}')
+
+    def aux_forward(transformer, orig, timestep, *args, **kwargs):
+        temb = orig(timestep, *args, **kwargs)
+        t, tt = scaled_times(transformer, timestep, time_scale)
+        aux_module = transformer._modules[aux_name]
+        aux = aux_module(tt * time_scale, *args, **kwargs) if aux_gets == "args" else aux_module(tt * time_scale,
+                                                                                                   temb.dtype)
+        return temb + aux * (t - tt).to(aux.dtype).unsqueeze(-1)
+
+    def lora_forward(transformer, orig, timestep, *args, **kwargs):
+        t, tt = scaled_times(transformer, timestep, time_scale)
+        return orig(lora_label(t, tt) * time_scale, *args, **kwargs)
+
+    return {"aux": aux_forward, "lora": lora_forward}
 
 
 def pack_2x2(x: torch.Tensor) -> torch.Tensor:

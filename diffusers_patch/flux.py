@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backbone import Backbone, TimestepPath, pack_2x2, unpack_2x2
-from ._common import lora_label, scaled_times
+from ._backbone import Backbone, TimestepPath, pack_2x2, scaled_timestep_forwards, unpack_2x2
 
 AUX = "time_text_embed_2"
 #: the transformer embeds timestep · TIME_SCALE
@@ -41,18 +40,6 @@ TRAIN_GUIDANCE = 3.5
 __all__ = ["AUX_PREFIX", "BACKBONE", "patch", "unpatch"]
 
 
-def _aux_forward(transformer, orig, timestep, *args, **kwargs):
-    temb = orig(timestep, *args, **kwargs)
-    t, tt = scaled_times(transformer, timestep, TIME_SCALE)
-    aux = transformer._modules[AUX](tt * TIME_SCALE, temb.dtype)
-    return temb + aux * (t - tt).to(aux.dtype).unsqueeze(-1)
-
-
-def _lora_forward(transformer, orig, timestep, *args, **kwargs):
-    t, tt = scaled_times(transformer, timestep, TIME_SCALE)
-    return orig((lora_label(t, tt) * TIME_SCALE).to(timestep.dtype), *args, **kwargs)
-
-
 class Flux(Backbone):
     name, label = "flux", "FLUX.1"
     transformer_class_name, pipeline_class_name = "FluxTransformer2DModel", "FluxPipeline"
@@ -60,7 +47,7 @@ class Flux(Backbone):
     cfg_kwarg = "true_cfg_scale"
     text_keys = ("prompt_embeds", "pooled_prompt_embeds")
     block_attrs = ("transformer_blocks", "single_transformer_blocks")
-    forwards = {"aux": _aux_forward, "lora": _lora_forward}
+    forwards = scaled_timestep_forwards(AUX, TIME_SCALE, aux_gets="dtype")
 
     def make_aux(self, embed):
         return TimestepPath.copy_of(embed)

@@ -27,10 +27,7 @@ Not hooked: the IP-adapter ``image_proj(..., timestep)`` (it keeps the raw times
 
 from __future__ import annotations
 
-import torch
-
-from ._backbone import Backbone
-from ._common import lora_label, scaled_times
+from ._backbone import Backbone, scaled_timestep_forwards
 
 AUX = "time_text_embed_2"
 #: the pipeline's timestep is t · TIME_SCALE
@@ -39,24 +36,12 @@ TIME_SCALE = 1000.0
 __all__ = ["AUX_PREFIX", "BACKBONE", "patch", "unpatch"]
 
 
-def _aux_forward(transformer, orig, timestep, pooled_projection):
-    temb = orig(timestep, pooled_projection)
-    t, tt = scaled_times(transformer, timestep, TIME_SCALE)
-    aux = transformer._modules[AUX](tt * TIME_SCALE, pooled_projection)
-    return temb + aux * (t - tt).to(aux.dtype).unsqueeze(-1)
-
-
-def _lora_forward(transformer, orig, timestep, pooled_projection):
-    t, tt = scaled_times(transformer, timestep, TIME_SCALE)
-    return orig(lora_label(t, tt) * TIME_SCALE, pooled_projection)
-
-
 class SD3(Backbone):
     name, label = "sd3", "SD3 / SD3.5"
     transformer_class_name, pipeline_class_name = "SD3Transformer2DModel", "StableDiffusion3Pipeline"
     embed_name, aux_name, aux_init = "time_text_embed", AUX, "normal"  # published initialisation
     text_keys = ("prompt_embeds", "pooled_prompt_embeds")
-    forwards = {"aux": _aux_forward, "lora": _lora_forward}
+    forwards = scaled_timestep_forwards(AUX, TIME_SCALE, aux_gets="args")
 
     def call(self, transformer, x, t, cond):
         return transformer(hidden_states=x, encoder_hidden_states=cond[0], pooled_projections=cond[1],

@@ -1,0 +1,114 @@
+"""The contract every registered family keeps, checked on each one by being registered
+(``twinflow.tiny.BACKBONES``: a family with a tiny pipeline builder is in this suite).
+
+Through the trainer's call path (``TwinFlowModel`` → ``Backbone.call`` → patched transformer),
+on the family's tiny random-weight transformer:
+
+1. aux mode with tt = t is the stock model (trained-looking aux weights, which the (t − tt)
+   factor must cancel exactly);
+2. aux mode with tt ≠ t differs from the stock model, and depends on the aux weights;
+3. LoRA mode adds no weights, and at (t, tt) is the stock model at the label t − tt/2;
+4. the state dict gains exactly the aux keys (``aux_prefix``) in aux mode and none in LoRA
+   mode; unpatching restores the stock keys and outputs.
+
+Each family's formula itself (against a float64 transcription, or the published wrapper) is
+checked in its own module test (tests/test_patch_*.py, tests/test_published_fidelity.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tiny_pipelines import BACKBONES, build_transformer, one_thread  # noqa: F401 (autouse fixture)
+from twinflow import diffusers_patch
+from twinflow.training.models import TwinFlowModel
+
+B = 4
+# dyadic times: exact on both sides of a family's time conversion (Z-Image's t_z = 1 − t)
+T = torch.tensor([0.875, 0.625, 0.375, 0.125])
+TT = torch.tensor([0.0, 0.25, 0.375, 0.0625])
+
+
+def _inputs(model, transformer):
+    """Latents [B, C, 8, 8] and a cond list of the family's text tensors, built from its config."""
+    cfg, g = transformer.config, torch.Generator().manual_seed(4)
+    packed = model in ("qwen-image", "flux")
+    channels = cfg.in_channels // 4 if packed else cfg.in_channels
+    width = next(cfg[k] for k in ("joint_attention_dim", "caption_channels", "cap_feat_dim") if k in cfg)
+    x = torch.randn(B, channels, 8, 8, generator=g)
+    cond = [torch.randn(B, 5, width, generator=g)]
+    if "pooled_projection_dim" in cfg and cfg.get("pooled_projection_dim"):
+        cond.append(torch.randn(B, cfg.pooled_projection_dim, generator=g))
+    else:
+        cond.append(torch.ones(B, 5, dtype=torch.long))
+    return x, cond
+
+
+def _perturb(module, prefix):
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith(prefix):
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+
+
+def _call(net, x, t, tt, cond):
+    with torch.no_grad():
+        return net(x, t, tt, c=cond)
+
+
+def _stock(bb, transformer, x, t, cond):
+    """The family's call on an unpatched transformer: the stock model at time t."""
+    with torch.no_grad():
+        return bb.call(transformer, x, t, list(cond))
+
+
+def _setup(model, mode):
+    """(backbone, stock transformer, latents, cond, a patched copy in `mode`)."""
+    bb = diffusers_patch.backbone(model)
+    stock = build_transformer(model)
+    x, cond = _inputs(model, stock)
+    return bb, stock, x, cond, diffusers_patch.patch(copy.deepcopy(stock), model, mode=mode)
+
+
+@pytest.mark.parametrize("model", BACKBONES)
+def test_aux_mode_is_the_stock_model_at_tt_equal_t_and_uses_its_weights(model):
+    bb, stock, x, cond, patched = _setup(model, "aux")
+    _perturb(patched, bb.aux_prefix)
+    ref = _stock(bb, stock, x, T, cond)
+    net = TwinFlowModel(patched, bb)
+    assert torch.equal(_call(net, x, T, T, cond), ref)
+    moved = _call(net, x, T, TT, cond)
+    assert not torch.allclose(moved, ref, atol=1e-5)
+    _perturb(patched, bb.aux_prefix)
+    assert not torch.allclose(_call(net, x, T, TT, cond), moved, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", BACKBONES)
+def test_lora_mode_is_the_stock_model_at_the_label(model):
+    bb, stock, x, cond, patched = _setup(model, "lora")
+    label = T - TT / 2
+    want = _stock(bb, stock, x, label, cond)
+    torch.testing.assert_close(_call(TwinFlowModel(patched, bb), x, T, TT, cond), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", BACKBONES)
+def test_keys_added_and_unpatch_restores_the_stock_model(model):
+    bb = diffusers_patch.backbone(model)
+    stock = build_transformer(model)
+    x, cond = _inputs(model, stock)
+    keys = set(stock.state_dict())
+    aux = diffusers_patch.patch(copy.deepcopy(stock), model, mode="aux")
+    added = set(aux.state_dict()) - keys
+    assert added and all(k.startswith(bb.aux_prefix) for k in added) and keys <= set(aux.state_dict())
+    lora = diffusers_patch.patch(copy.deepcopy(stock), model, mode="lora")
+    assert set(lora.state_dict()) == keys
+    ref = _stock(bb, stock, x, T, cond)
+    for patched in (aux, lora):
+        _call(TwinFlowModel(patched, bb), x, T, TT, cond)  # leaves a target time wired
+        bb.unpatch(patched)
+        assert set(patched.state_dict()) == keys
+        assert torch.equal(_stock(bb, patched, x, T, cond), ref)
