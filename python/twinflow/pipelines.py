@@ -444,7 +444,8 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
                   transformer: Union[None, str, os.PathLike, torch.nn.Module] = None,
                   lora: Union[None, str, os.PathLike] = None,
                   subfolder: Optional[str] = None, revision: Optional[str] = None,
-                  quantization_config=None, aux_weights: Union[None, str, os.PathLike] = None, **parts):
+                  quantization_config=None, aux_weights: Union[None, str, os.PathLike] = None,
+                  pipeline_class=None, **parts):
     """Load a TwinFlow checkpoint into the stock diffusers pipeline of `model`.
 
     Args:
@@ -481,6 +482,12 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
             are never quantized and keep the compute dtype (``twinflow.quantization``).
             A GGUF `transformer` is already quantized: then a name applies to the text encoders
             only, and a config for the transformer is a ValueError.
+        pipeline_class: another diffusers pipeline class of the same family (a class or its
+            name), e.g. ``"FluxImg2ImgPipeline"`` or ``"StableDiffusion3Img2ImgPipeline"``: the
+            image-to-image / inpainting variants take ``strength`` (the TwinFlow scheduler
+            honours ``set_begin_index`` and ``scale_noise``). The transformer is wired to that
+            pipeline (``AutoPipelineForImage2Image.from_pipe(pipe)`` also works while ``pipe``
+            is alive: the transformer reads the target time through it).
         aux_weights: for a GGUF `transformer` whose file lacks the aux target-time embedder:
             a safetensors file or transformer folder holding it (``twinflow.gguf_files``).
         **parts: with a pipeline folder or repo id, components to use instead of the folder's,
@@ -554,6 +561,7 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
     model, mode, recorded = _resolve_model_mode(model, mode, records)
     bb = diffusers_patch.backbone(model)
     model = bb.name
+    pipe_cls = _pipeline_class(bb, pipeline_class)
     if tfolder is not None:
         check_transformer_folder(tfolder, model)
     overrides = component_overrides(bb, root, parts)
@@ -592,10 +600,35 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
                     tdir, local_files_only=True, **dtype_kwargs(dtype),
                     **({} if tquant is None else {"quantization_config": tquant}))
         scheduler = scheduler if scheduler is not None else TwinFlowPresetScheduler()
-        pipe = bb.load_pipeline(root, transformer=module, scheduler=scheduler, **load_kw)
+        if pipe_cls is None:
+            pipe = bb.load_pipeline(root, transformer=module, scheduler=scheduler, **load_kw)
+        else:
+            pipe = pipe_cls.from_pretrained(root, transformer=module, scheduler=scheduler, **load_kw)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{root}: could not load it as a {bb.pipeline_class_name}: {e}") from e
     return _finish(bb, pipe, mode, aux, source, dev, recorded=recorded, lora_file=lora_file)
+
+
+def _pipeline_class(bb, pipeline_class):
+    """None (the family's own pipeline), or a diffusers pipeline class of the family's transformer."""
+    if pipeline_class is None:
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None) if isinstance(pipeline_class, str) else pipeline_class
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise ValueError(f"pipeline_class: expected a diffusers pipeline class or its name, got {pipeline_class!r}")
+    if hasattr(bb, "load_from_parts") or type(bb).load_pipeline is not diffusers_patch.Backbone.load_pipeline:
+        raise ValueError(f"pipeline_class: {bb.name} loads its own pipeline class; another is not supported")
+    hint = inspect.signature(cls.__init__).parameters.get("transformer")
+    want = bb.transformer_class()
+    annotation = getattr(hint, "annotation", None)
+    names = {want.__name__, f"'{want.__name__}'"}
+    if hint is None or (annotation not in (inspect.Parameter.empty, want) and str(annotation) not in names
+                        and want.__name__ not in str(annotation)):
+        raise ValueError(f"pipeline_class: {cls.__name__} does not take a {want.__name__} transformer, so it is not a "
+                         f"{bb.label} pipeline")
+    return cls
 
 
 def _quantization(bb, root: pathlib.Path, quantization_config, overrides, dtype, dev):
