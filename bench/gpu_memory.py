@@ -4,10 +4,12 @@ download), per weight format: the measured side of bench/memory_table.py's compu
 
     python bench/gpu_memory.py --pipelines z-image sd3.5-medium --formats bf16 int8 fp8 [--out F.json]
 
-Each row: the component is built on the meta device, materialised on the GPU with N(0, 0.02)
-weights in bf16, quantized in place (torchao ``quantize_`` with the time embedders skipped, as
+Each row: the component is built on the GPU in bf16 with N(0, 0.02) weights, quantized in place (torchao ``quantize_`` with the time embedders skipped, as
 ``twinflow.quantization`` configures diffusers), then one forward at 1024² (batch 1, 512 text
-tokens, no grad) is timed and ``torch.cuda.max_memory_allocated`` read. The text encoders are
+tokens, no grad) runs; the row holds ``torch.cuda.max_memory_allocated`` (weights + the call's
+activations: build and call are one measurement) and the time of both. tests/test_bench_gpu_memory.py
+runs the same code on the CPU with tiny configs, so the script is known to run before GPU time
+is spent on it. The text encoders are
 not run (their activations are small next to the transformer's; their weights are in the
 computed table).
 """
@@ -25,17 +27,23 @@ sys.path.insert(0, str(HERE))
 from memory_table import TIME_EMBEDDERS, build  # noqa: E402
 
 
-def _materialise(model, device):
+def _materialise(spec: dict, device):
+    """The component built directly on `device` in bf16 (default dtype during construction, so a
+    20B model never exists in float32; tensors a module computes in its constructor, such as
+    Qwen-Image's RoPE tables, are real), with N(0, 0.02) weights."""
     import torch
 
-    model = model.to_empty(device=device)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = build(spec, device=device)
+    finally:
+        torch.set_default_dtype(previous)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
-        for name, b in model.named_buffers():
-            if b is not None and b.is_floating_point():
-                b.zero_()
-    return model.to(torch.bfloat16)
+    return model
 
 
 def _quantize(model, fmt: str, cls_name: str) -> None:
@@ -54,25 +62,44 @@ def _quantize(model, fmt: str, cls_name: str) -> None:
     quantize_(model, config, filter_fn=wanted)
 
 
-def _transformer_inputs(cls_name: str, cfg: dict, device):
+def _transformer_inputs(cls_name: str, cfg: dict, device, image: int = 1024, text: int = 512):
     import torch
 
     kw = dict(device=device, dtype=torch.bfloat16)
+    lat = image // 8
     if cls_name == "QwenImageTransformer2DModel":
-        h = w = 1024 // 16
+        h = w = image // 16
         return dict(hidden_states=torch.randn(1, h * w, cfg["in_channels"], **kw),
-                    encoder_hidden_states=torch.randn(1, 512, cfg["joint_attention_dim"], **kw),
-                    encoder_hidden_states_mask=torch.ones(1, 512, dtype=torch.long, device=device),
+                    encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"], **kw),
+                    encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.long, device=device),
                     timestep=torch.full((1,), 0.5, **kw), img_shapes=[[(1, h, w)]], return_dict=False)
     if cls_name == "SD3Transformer2DModel":
-        return dict(hidden_states=torch.randn(1, cfg["in_channels"], 128, 128, **kw),
-                    encoder_hidden_states=torch.randn(1, 512, cfg["joint_attention_dim"], **kw),
+        return dict(hidden_states=torch.randn(1, cfg["in_channels"], lat, lat, **kw),
+                    encoder_hidden_states=torch.randn(1, text, cfg["joint_attention_dim"], **kw),
                     pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], **kw),
                     timestep=torch.full((1,), 500.0, **kw), return_dict=False)
     if cls_name == "ZImageTransformer2DModel":
-        return dict(x=[torch.randn(cfg["in_channels"], 1, 128, 128, **kw)], t=torch.full((1,), 0.5, **kw),
-                    cap_feats=[torch.randn(512, cfg["cap_feat_dim"], **kw)], return_dict=False)
+        return dict(x=[torch.randn(cfg["in_channels"], 1, lat, lat, **kw)], t=torch.full((1,), 0.5, **kw),
+                    cap_feats=[torch.randn(text, cfg["cap_feat_dim"], **kw)], return_dict=False)
     raise ValueError(cls_name)
+
+
+def run_component(spec: dict, fmt: str, role: str, device, image: int = 1024, text: int = 512):
+    """Build, materialise and (transformer) quantize one component on `device`, then run its
+    1024² call: the transformer forward, or the VAE decode. Returns (model, output)."""
+    import torch
+
+    model = _materialise(spec, device).eval()
+    if role == "transformer":
+        _quantize(model, fmt, spec["class"])
+    cfg = spec["config"]
+    with torch.no_grad():
+        if role == "transformer":
+            return model, model(**_transformer_inputs(spec["class"], cfg, device, image, text))
+        ch = cfg.get("latent_channels", cfg.get("z_dim"))
+        side = image // 8
+        shape = (1, ch, 1, side, side) if spec["class"] == "AutoencoderKLQwenImage" else (1, ch, side, side)
+        return model, model.decode(torch.randn(shape, device=device, dtype=torch.bfloat16))
 
 
 def measure(spec: dict, fmt: str, role: str) -> dict:
@@ -81,23 +108,11 @@ def measure(spec: dict, fmt: str, role: str) -> dict:
     device = torch.device("cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = _materialise(build(spec), device).eval()
-    if role == "transformer":
-        _quantize(model, fmt, spec["class"])
-    weights = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    cfg = spec["config"]
     t0 = time.perf_counter()
-    with torch.no_grad():
-        if role == "transformer":
-            model(**_transformer_inputs(spec["class"], cfg, device))
-        else:
-            ch = cfg.get("latent_channels", cfg.get("z_dim"))
-            shape = (1, ch, 1, 128, 128) if spec["class"] == "AutoencoderKLQwenImage" else (1, ch, 128, 128)
-            model.decode(torch.randn(shape, device=device, dtype=torch.bfloat16))
+    model, _ = run_component(spec, fmt, role, device)
     torch.cuda.synchronize()
-    row = {"class": spec["class"], "format": fmt, "weights_bytes": weights,
-           "peak_bytes": torch.cuda.max_memory_allocated(), "seconds": time.perf_counter() - t0}
+    row = {"class": spec["class"], "format": fmt, "peak_bytes": torch.cuda.max_memory_allocated(),
+           "weights_bytes": torch.cuda.memory_allocated(), "seconds": time.perf_counter() - t0}
     del model
     torch.cuda.empty_cache()
     return row

@@ -49,13 +49,14 @@ TEXT_TOKENS = 512
 IMAGE = 1024
 
 
-def build(component: dict):
+def build(component: dict, device="meta"):
+    """The component built from its config on `device` (meta: no memory, for counting)."""
     import diffusers
     import torch
     import transformers
 
     cfg = {k: v for k, v in component["config"].items() if not k.startswith("_")}
-    with torch.device("meta"):
+    with torch.device(device):
         if component["library"] == "diffusers":
             cls = getattr(diffusers, component["class"])
             import warnings
