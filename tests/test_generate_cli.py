@@ -220,3 +220,29 @@ def test_torchrun_two_processes_give_the_one_process_images(tmp_path):
         assert np.array_equal(one[name], two[name]), name
     ranks = {json.loads((tmp_path / "two" / f"{p:03d}-00.json").read_text())["rank"] for p in range(3)}
     assert ranks == {0, 1}
+
+
+def test_image_to_image(tmp_path, capsys):
+    """--image FILE --strength s: the family's Img2Img pipeline, the input image matters, and the
+    settings JSON records both."""
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        PILImage.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"in{i}.png")
+    outs = {}
+    for i in range(2):
+        out = tmp_path / f"o{i}"
+        assert main(argv("flux", out, "--prompt", "a cat", "--steps", "2", "--image", str(tmp_path / f"in{i}.png"),
+                         "--strength", "0.5", "--quiet")) == 0
+        outs[i] = pixels(out / "000-00.png").astype(int)
+        rec = json.loads((out / "000-00.json").read_text())
+        assert rec["strength"] == 0.5 and rec["input_image"].endswith(f"in{i}.png")
+    assert np.abs(outs[0] - outs[1]).max() > 0
+    for extra, needle in ((["--strength", "0.5"], "give --image"),
+                          (["--image", str(tmp_path / "none.png")], "--image"),
+                          (["--image", str(tmp_path / "in0.png"), "--strength", "1.5"], "(0, 1]")):
+        capsys.readouterr()
+        assert main(argv("sd3", tmp_path / "e", "--prompt", "x", *extra)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and needle in err[-1], err

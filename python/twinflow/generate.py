@@ -64,6 +64,11 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aux-weights", default=None, metavar="PATH",
                    help="with a GGUF --transformer that lacks the aux target-time embedder: a safetensors file or "
                         "transformer folder holding it")
+    p.add_argument("--image", type=pathlib.Path, default=None, metavar="FILE",
+                   help="image-to-image: a local input image (resized to --height × --width); the family's "
+                        "Img2Img pipeline is used (diffusers' AutoPipelineForImage2Image mapping)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image: how much of the TwinFlow steps to run, in (0, 1] (default 0.6)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                    help="weight quantization of the transformer and text encoders (the time embedders stay "
                         "unquantized): int8 / fp8 = torchao weight-only (CPU or GPU), nf4 / bnb-int8 = "
@@ -109,6 +114,50 @@ def _distributed(device):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _image_args(args: argparse.Namespace) -> dict:
+    """{"image": PIL image, "strength": s} for --image (a local file only), else {}."""
+    if args.image is None:
+        if args.strength is not None:
+            raise ValueError("--strength: applies to image-to-image; give --image FILE")
+        return {}
+    strength = 0.6 if args.strength is None else args.strength
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"--strength: must be in (0, 1], got {strength}")
+    from PIL import Image, UnidentifiedImageError
+
+    from . import _files
+
+    try:
+        _files.regular_file(args.image)
+        with Image.open(args.image) as im:
+            image = im.convert("RGB").resize((args.width, args.height))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ValueError(f"--image: cannot read {args.image} as an image ({e})") from e
+    return {"image": image, "strength": strength}
+
+
+def _img2img_class(args: argparse.Namespace) -> str:
+    """The Img2Img pipeline class of the checkpoint's family (diffusers' own mapping)."""
+    from diffusers.pipelines.auto_pipeline import AUTO_IMAGE2IMAGE_PIPELINES_MAPPING, _get_task_class
+
+    from . import diffusers_patch
+    from .pipelines import resolve_model_path
+    from .saved_format import read_folder_record
+
+    model = args.model
+    if model is None:
+        record = read_folder_record(resolve_model_path(args.model_path, subfolder=args.subfolder,
+                                                       revision=args.revision))
+        model = record["backbone"] if record else None
+    if model is None:
+        raise ValueError("--image: give --model (the folder records no backbone)")
+    base = diffusers_patch.backbone(model).pipeline_class_name
+    cls = _get_task_class(AUTO_IMAGE2IMAGE_PIPELINES_MAPPING, base, throw_error_if_not_exist=False)
+    if cls is None:
+        raise ValueError(f"--image: diffusers has no image-to-image pipeline for {base}")
+    return cls.__name__
 
 
 def _prompts(args: argparse.Namespace) -> List[str]:
@@ -165,6 +214,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.steps > MAX_SAMPLING_STEPS:
         raise ValueError(f"--steps: must be at most {MAX_SAMPLING_STEPS}, got {args.steps}")
     prompts = _prompts(args)
+    image_kw = _image_args(args)
     device = resolve_device(args.device)
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and device.type == "cuda" and device.index is None:
@@ -175,6 +225,7 @@ def _generate(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model_path, args.model, dtype=dtype, device=device if args.offload == "none" else None,
                              mode=args.mode, transformer=args.transformer, subfolder=args.subfolder,
                              revision=args.revision, aux_weights=args.aux_weights,
+                             pipeline_class=_img2img_class(args) if image_kw else None,
                              quantization_config=None if args.quantize == "none" else args.quantize)
     except (FileNotFoundError, ImportError) as e:  # the registry reports ValueError as a one-line error
         raise ValueError(str(e)) from e
@@ -199,6 +250,8 @@ def _generate(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "quantize": args.quantize, "offload": args.offload,
+        "input_image": None if args.image is None else str(args.image.resolve()),
+        "strength": image_kw.get("strength"),
         "twinflow_version": __version__, "torch_version": torch.__version__,
     }
     import diffusers
@@ -214,7 +267,7 @@ def _generate(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         # one generator per image, seeded --seed + k: an image is the same whatever the batch or process count
         generators = [torch.Generator("cpu").manual_seed(args.seed + k) for _ in batch for k in range(args.num_images)]
-        call = dict(extra)
+        call = {**extra, **image_kw}
         if "negative_prompt" in call:  # one per prompt of the batch
             call["negative_prompt"] = [call["negative_prompt"]] * len(batch)
         array = pipe(prompt=[prompt for _, prompt in batch], height=args.height, width=args.width,
