@@ -622,10 +622,9 @@ def _pipeline_class(bb, pipeline_class):
         raise ValueError(f"pipeline_class: {bb.name} loads its own pipeline class; another is not supported")
     hint = inspect.signature(cls.__init__).parameters.get("transformer")
     want = bb.transformer_class()
-    annotation = getattr(hint, "annotation", None)
-    names = {want.__name__, f"'{want.__name__}'"}
-    if hint is None or (annotation not in (inspect.Parameter.empty, want) and str(annotation) not in names
-                        and want.__name__ not in str(annotation)):
+    annotation = inspect.Parameter.empty if hint is None else hint.annotation
+    if hint is None or (annotation is not inspect.Parameter.empty and annotation is not want
+                        and want.__name__ not in str(annotation)):  # a class, or its name as a string
         raise ValueError(f"pipeline_class: {cls.__name__} does not take a {want.__name__} transformer, so it is not a "
                          f"{bb.label} pipeline")
     return cls
