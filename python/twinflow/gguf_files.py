@@ -251,15 +251,6 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(*shape[:-1], shape[-1] // 256 * 144)
 
 
-def _transformer_source(source: pathlib.Path) -> pathlib.Path:
-    if (source / "config.json").is_file():
-        return source
-    if (source / "transformer" / "config.json").is_file():
-        return source / "transformer"
-    raise FileNotFoundError(f"{source}: neither a transformer folder (config.json) nor a pipeline folder with "
-                            "transformer/config.json")
-
-
 def _backbone_of(config: dict, where: pathlib.Path):
     from . import diffusers_patch
     from .saved_format import KEY, check_record
@@ -302,11 +293,11 @@ def export_gguf(source: Union[str, os.PathLike], out: Union[str, os.PathLike], g
     gguf = _gguf()
     from safetensors import safe_open
 
-    from .pipelines import transformer_weight_files
+    from .pipelines import _transformer_folder, transformer_weight_files
 
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"type: expected one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
-    tdir = _transformer_source(pathlib.Path(source).expanduser())
+    tdir = _transformer_folder(source)  # a transformer folder, or a pipeline folder / Hub repo holding one
     config = _files.read_json(tdir / "config.json")
     bb, mode = _backbone_of(config, tdir)
     qtype = getattr(gguf.GGMLQuantizationType, gguf_type)

@@ -668,9 +668,10 @@ def _finish(bb, pipe, mode: str, aux: Optional[Dict[str, torch.Tensor]], source:
         bb.patch(pipe.transformer, mode=mode)
         load_aux_weights(pipe.transformer, bb.name, aux, source, recorded=recorded)
     aux_module = getattr(pipe.transformer, bb.aux_name, None)
-    if isinstance(aux_module, torch.nn.Module) and quantization.quantized_modules(aux_module):
+    quantized = quantization.quantized_modules(aux_module) if isinstance(aux_module, torch.nn.Module) else []
+    if quantized:
         raise ValueError(f"{source}: the aux target-time embedder is quantized "
-                         f"({', '.join(quantization.quantized_modules(aux_module))}); it must stay in the compute "
+                         f"({', '.join(quantized)}); it must stay in the compute "
                          "dtype: load it unquantized")
     if lora_file is not None:
         lora_files.load_into(pipe, lora_file)
