@@ -66,6 +66,13 @@ VARIANTS = {
                           lr_schedule="cosine", lr_decay_steps=4000),
     "er0_const": _variant("enhanced_ratio 0, constant lr 2e-4 (er0 run long)", 0.0),
     "er0_const_seed1": _variant("as er0_const, seed 1", 0.0, seed=1),
+    # A decay tail on the long constant-lr runs: their checkpoints (copied out at 8000 and 8570
+    # steps) fine-tuned again with the lr cosine-decayed from 2e-4 to 0 over 2000 steps.
+    "er0_s1_tail2k": _variant("er0_const_seed1 at 8000 steps, then 2000 steps of lr 2e-4 cosine-decayed to 0", 0.0,
+                              seed=1, init_from="runs/study/er0_const_seed1_at8000",
+                              lr_schedule="cosine", lr_decay_steps=2000),
+    "er0_tail2k": _variant("er0_const at 8570 steps, then 2000 steps of lr 2e-4 cosine-decayed to 0", 0.0,
+                           init_from="runs/study/er0_const_at8570", lr_schedule="cosine", lr_decay_steps=2000),
     # For a GPU (bench/gpu_mnist_study.sh): the cosine over 10000 steps.
     "er0_cos10k": _variant("enhanced_ratio 0, lr 2e-4 cosine-decayed to 0 over 10000 steps", 0.0,
                            lr_schedule="cosine", lr_decay_steps=10000),
