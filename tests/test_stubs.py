@@ -70,3 +70,22 @@ def test_native_docstring_examples_run(name):
         for test in finder.find(member, f"_core.{name}", module=False, globs=dict(globs)):
             runner.run(test)
     assert runner.failures == 0, f"an example in _core.{name}'s docstrings fails (see the output above)"
+
+
+def test_the_stub_types_every_member():
+    """pyo3 records no types; .ci/stub_types.py gives them, so no return or property is `Any`."""
+    text = (ROOT / "python" / "twinflow" / "_core.pyi").read_text()
+    assert "-> Any" not in text and "*args: Any" not in text
+
+
+def test_a_stale_types_table_is_refused(monkeypatch):
+    gen = _stubgen()
+    members = dict(gen.stub_types.MEMBERS)
+    for broken, message in [
+        ({k: v for k, v in members.items() if k != "Plan.rows"}, "Plan.rows: no entry"),
+        ({**members, "Plan.gone": "int"}, "Plan.gone"),
+        ({**members, "l2_loss": "(a: Tensor, b: Tensor) -> Tensor"}, "l2_loss: .ci/stub_types.py has parameters"),
+    ]:
+        monkeypatch.setattr(gen.stub_types, "MEMBERS", broken)
+        with pytest.raises(gen.StaleTypes, match=message):
+            gen.render(_core)

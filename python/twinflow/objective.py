@@ -176,9 +176,9 @@ def training_step(objective: TwinFlowObjective, model: Callable, x: torch.Tensor
         plan.enhance(target, t, v_c, v_u)
 
     # Calls 5 … 4+N: the RCGM walk (§3.4), each call from the last one's output.
-    walk = plan.rcgm(x_t, target, fd, t, tt)
-    if walk is not None:
-        walk, from_teacher = walk
+    rcgm = plan.rcgm(x_t, target, fd, t, tt)
+    if rcgm is not None:
+        walk, from_teacher = rcgm
         with torch.no_grad():
             while (inputs := walk.next()) is not None:
                 xk, s, s_next = inputs
