@@ -16,6 +16,7 @@ ALIASES = {
 # Module constants.
 CONSTANTS = {
     "LOSS_SETTINGS": "Tuple[Dict[str, Any], ...]",
+    "GAMMA_MAX_ROUNDS": "int",
     "MAX_SAMPLING_STEPS": "int",
     "RUN_NAMES": "Tuple[str, str, str, str]",
     "SAMPLER_SETTINGS": "List[Dict[str, Any]]",

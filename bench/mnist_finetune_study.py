@@ -66,13 +66,20 @@ VARIANTS = {
                           lr_schedule="cosine", lr_decay_steps=4000),
     "er0_const": _variant("enhanced_ratio 0, constant lr 2e-4 (er0 run long)", 0.0),
     "er0_const_seed1": _variant("as er0_const, seed 1", 0.0, seed=1),
-    # A decay tail on the long constant-lr runs: their checkpoints (copied out at 8000 and 8570
-    # steps) fine-tuned again with the lr cosine-decayed from 2e-4 to 0 over 2000 steps.
+    # A decay tail as a new fine-tune (init_from the long run's sampling weights): fresh Adam
+    # moments and EMA, so it first loses ground (stopped at 500 steps; rows kept).
     "er0_s1_tail2k": _variant("er0_const_seed1 at 8000 steps, then 2000 steps of lr 2e-4 cosine-decayed to 0", 0.0,
                               seed=1, init_from="runs/study/er0_const_seed1_at8000",
                               lr_schedule="cosine", lr_decay_steps=2000),
-    "er0_tail2k": _variant("er0_const at 8570 steps, then 2000 steps of lr 2e-4 cosine-decayed to 0", 0.0,
-                           init_from="runs/study/er0_const_at8570", lr_schedule="cosine", lr_decay_steps=2000),
+    # The decay as the same run: constant lr until lr_decay_start, then a cosine to 0 over 2000
+    # steps. Up to the start this is the constant run itself, so the study branches from its
+    # checkpoint there (`branch`, exact) instead of training those steps again.
+    "er0_s1_decay8k": _variant("as er0_const_seed1 to 8000 steps, then lr cosine-decayed to 0 over 2000 steps", 0.0,
+                               seed=1, lr_schedule="cosine", lr_decay_steps=2000, lr_decay_start=8000,
+                               branch_from="runs/study/er0_const_seed1_at8000"),
+    "er0_decay8570": _variant("as er0_const to 8570 steps, then lr cosine-decayed to 0 over 2000 steps", 0.0,
+                              lr_schedule="cosine", lr_decay_steps=2000, lr_decay_start=8570,
+                              branch_from="runs/study/er0_const_at8570"),
     # For a GPU (bench/gpu_mnist_study.sh): the cosine over 10000 steps.
     "er0_cos10k": _variant("enhanced_ratio 0, lr 2e-4 cosine-decayed to 0 over 10000 steps", 0.0,
                            lr_schedule="cosine", lr_decay_steps=10000),
@@ -86,6 +93,36 @@ def _rows(name, study: Path = STUDY):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+_SCHEDULE_KEYS = ("lr_schedule", "lr_decay_steps", "lr_decay_start")
+
+
+def branch(src: Path, dst: Path, settings) -> None:
+    """Copy run `src` to `dst` as a checkpoint of `settings`. Allowed only when the two differ in
+    the lr schedule alone and give the same lr at every step `src` has taken (a constant-lr run
+    up to a delayed cosine's start): then resuming `dst` is exactly a run of `settings` from the
+    beginning, without training the shared steps again."""
+    import dataclasses
+    import shutil
+
+    from twinflow.tutorials.mnist.train import _BUDGET_KEYS, TrainSettings, lr_at
+
+    config = json.loads((src / "config.json").read_text())
+    saved = config["settings"]
+    defaults = dataclasses.asdict(TrainSettings())
+    wanted = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(settings))).items() if k not in _BUDGET_KEYS}
+    diff = sorted(k for k, v in wanted.items() if saved.get(k, defaults[k]) != v)
+    if not set(diff) <= set(_SCHEDULE_KEYS):
+        raise ValueError(f"branch {src} → {dst}: settings differ beyond the lr schedule ({', '.join(diff)})")
+    old = TrainSettings(**{k: saved.get(k, defaults[k]) for k in defaults})
+    steps = config["progress"]["step"]
+    if any(lr_at(old, k) != lr_at(settings, k) for k in range(steps)):
+        raise ValueError(f"branch {src} → {dst}: the two schedules differ within the {steps} steps taken")
+    shutil.copytree(src, dst)
+    config["settings"].update({k: wanted[k] for k in _SCHEDULE_KEYS})
+    config["branched_from"] = {"path": str(src), "step": steps}
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def run(name: str, at, samples: int, final_samples: int, threads: int, runs: Path, device: str = "cpu",
         study: Path = STUDY) -> None:
     import torch
@@ -95,7 +132,11 @@ def run(name: str, at, samples: int, final_samples: int, threads: int, runs: Pat
 
     torch.set_num_threads(threads)
     _, fields = VARIANTS[name]
+    fields = dict(fields)
+    branch_from = fields.pop("branch_from", None)
     out = runs / name
+    if branch_from is not None and not (out / "config.json").is_file():
+        branch(ROOT / branch_from, out, TrainSettings(**{"init_from": "flow_matching", **fields}))
     study.mkdir(parents=True, exist_ok=True)
     done = {(r["step"], r["num_samples"]) for r in _rows(name, study)}
     plan = [(k, samples) for k in at] + [(at[-1], final_samples)]

@@ -334,3 +334,19 @@ def test_components_left_out_or_given_as_diffusers_takes_them(tmp_path):
     expect_error(ValueError, lambda: load("sd3", text_encoder_4=None),
                  contains=("text_encoder_4: not a component of StableDiffusion3Pipeline", "text_encoder_3"))
     expect_error(ValueError, lambda: load("sd3", vae="some/folder"), contains=("vae", "got the path"))
+
+
+def test_model_index_is_read_once(monkeypatch):
+    """load_pipeline parses model_index.json once and hands the parsed copy to each check."""
+    from twinflow import _files
+
+    read, reads = _files.read_json, []
+
+    def counting(path, *a, **kw):  # every JSON read of the package goes through _files.read_json
+        reads.extend([path] if str(path).endswith("model_index.json") else [])
+        return read(path, *a, **kw)
+
+    tiny_pipelines.saved_pipeline("sd3", "aux")  # built (and saved) before counting
+    monkeypatch.setattr(_files, "read_json", counting)
+    load("sd3")
+    assert len(reads) == 1, reads

@@ -209,6 +209,8 @@ def test_a_checkpoint_from_before_a_new_setting_resumes(real, tmp_path):
     (dict(lr_schedule="linear"), "lr_schedule must be one of constant, cosine"),
     (dict(lr_schedule="cosine"), "lr_decay_steps goes with lr_schedule 'cosine'"),
     (dict(lr_decay_steps=10), "lr_decay_steps goes with lr_schedule 'cosine'"),
+    (dict(lr_decay_start=5), "lr_decay_start must be >= 0 and goes with lr_schedule 'cosine'"),
+    (dict(lr_schedule="cosine", lr_decay_steps=3, lr_decay_start=-1), "lr_decay_start must be >= 0"),
     (dict(lr_schedule="cosine", lr_decay_steps=0), "lr_decay_steps must be >= 1"),
     (dict(batch_size=0), "batch_size must be >= 1"),
     (dict(lr=float("nan")), "lr must be a positive number"),
@@ -402,3 +404,37 @@ def test_progress_bar_shows_each_steps_loss(tmp_path, capsys):
           on_step=lambda step, stats: losses.append(stats["loss"]))
     shown = re.findall(r"loss=([-0-9.eE+na]+)", capsys.readouterr().err)
     assert shown and shown[-1] == f"{losses[-1]:.4f}", (shown, losses)
+
+
+def test_a_delayed_cosine_branches_exactly_from_a_constant_run(real, tmp_path):
+    """lr_decay_start keeps the lr constant first, so a constant-lr run's checkpoint at that step
+    is also the delayed schedule's: the study's `branch` continues it to the same weights as one
+    uninterrupted run, and refuses a branch whose schedules already differ."""
+    import importlib
+    import sys
+
+    lr_at = importlib.import_module("twinflow.tutorials.mnist.train").lr_at
+    delayed = lambda n: _settings(max_steps=n, lr=1e-3, lr_schedule="cosine", lr_decay_steps=4,  # noqa: E731
+                                  lr_decay_start=2)
+    assert [lr_at(delayed(1), k) for k in range(8)] == pytest.approx(
+        [1e-3, 1e-3, 1e-3, 8.535534e-4, 5e-4, 1.464466e-4, 0.0, 0.0])
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        study = importlib.import_module("mnist_finetune_study")
+    finally:
+        sys.path.remove(bench)
+    images, labels = real
+    kw = dict(images=images[:256], labels=labels[:256], progress=False)
+    train(delayed(5), tmp_path / "straight", **kw)
+    train(_settings(max_steps=2, lr=1e-3), tmp_path / "constant", **kw)
+    study.branch(tmp_path / "constant", tmp_path / "branched", delayed(5))
+    train(delayed(5), tmp_path / "branched", **kw)
+    want = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    got = load_file(str(tmp_path / "branched" / "model.safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    train(_settings(max_steps=4, lr=1e-3), tmp_path / "constant", **kw)  # step 3 is past the decay's start
+    with pytest.raises(ValueError, match="schedules differ within the 4 steps"):
+        study.branch(tmp_path / "constant", tmp_path / "late", delayed(5))
+    with pytest.raises(ValueError, match=r"beyond the lr schedule \(seed\)"):
+        study.branch(tmp_path / "constant", tmp_path / "other", _settings(max_steps=5, lr=1e-3, seed=3))

@@ -89,6 +89,8 @@ class Evaluation:
         """The target time (the model's ``tt``).
         """
 
+GAMMA_MAX_ROUNDS: int
+
 LOSS_SETTINGS: Tuple[Dict[str, Any], ...]
 
 MAX_SAMPLING_STEPS: int

@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _core
 from ._core import Plan, TwinFlowObjective
 from . import _random
 from ._random import Generators
@@ -26,7 +27,6 @@ Rows = Tuple[int, int]
 # conditioning (else the conditional one).
 Part = Tuple[Rows, bool]
 
-_GAMMA_MAX_ROUNDS = 1000
 
 
 class _Calls:
@@ -111,7 +111,7 @@ def _gamma(plan: Plan, a: float, n: int, rand, randn) -> torch.Tensor:
         g = _gamma(plan, a + 1.0, n, rand, randn)
         return plan.gamma_boost(g, rand(n), a)
     out, pending = plan.gamma_start(n)
-    for _ in range(_GAMMA_MAX_ROUNDS):
+    for _ in range(_core.GAMMA_MAX_ROUNDS):  # the Rust walk's own bound (src/train/time.rs)
         m = pending.shape[0]
         if m == 0:
             return out

@@ -221,7 +221,7 @@ def check_transformer_folder(tdir: pathlib.Path, model: str) -> None:
 
 
 def check_pipeline_folder(path: Union[str, os.PathLike], model: str, *, with_transformer: bool = True,
-                          overridden=()) -> pathlib.Path:
+                          overridden=(), index: Optional[dict] = None) -> pathlib.Path:
     """Check a local diffusers pipeline folder before diffusers reads it: model_index.json,
     every component folder it lists (but those in `overridden`: given by the caller), JSON
     configs, safetensors headers, and (unless `with_transformer` is False: the transformer comes
@@ -231,10 +231,10 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str, *, with_tra
     root = pathlib.Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"model path {str(path)!r}: no such folder")
-    index = root / "model_index.json"
+    recorded, index = index, root / "model_index.json"  # the caller's parsed copy, if it read it already
     if not index.is_file():
         raise FileNotFoundError(f"{root}: not a diffusers pipeline folder (no model_index.json)")
-    components = {k: v for k, v in _read_json(index).items()
+    components = {k: v for k, v in (recorded if recorded is not None else _read_json(index)).items()
                   if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None
                   and k not in overridden}
     if "transformer" not in components:
@@ -261,7 +261,8 @@ def check_pipeline_folder(path: Union[str, os.PathLike], model: str, *, with_tra
     return root
 
 
-def component_overrides(bb, root: pathlib.Path, given: Dict[str, object]) -> Dict[str, object]:
+def component_overrides(bb, root: pathlib.Path, given: Dict[str, object], index: Optional[dict] = None
+                        ) -> Dict[str, object]:
     """The components to hand diffusers' ``from_pretrained`` instead of loading them from `root`,
     as diffusers takes them: those the caller gives (a loaded module, a tokenizer, or None to
     leave one out, e.g. ``text_encoder_3=None`` for SD3 without T5), and None for each that
@@ -276,8 +277,9 @@ def component_overrides(bb, root: pathlib.Path, given: Dict[str, object]) -> Dic
         if isinstance(value, (str, os.PathLike)):
             raise ValueError(f"{name}: a component override is a loaded component (e.g. from its class's "
                              f"from_pretrained) or None, got the path {str(value)!r}")
-    index = root / "model_index.json"
-    recorded = _read_json(index) if index.is_file() else {}
+    if index is None:
+        index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
+    recorded = index
     left_out = {k: None for k, v in recorded.items()
                 if k in names and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
     return {**left_out, **given}
@@ -538,6 +540,8 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
         return _load_from_parts(diffusers_patch.backbone(model), path, dtype, dev, mode, scheduler, transformer,
                                 parts, recorded)
     root = resolve_model_path(path, subfolder=subfolder, revision=revision)
+    # model_index.json, read once for the record, the components left out and the checks
+    index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else None
     tfolder = gguf_file = gguf_config = None
     from . import gguf_files
 
@@ -554,7 +558,7 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
         records.append((saved_format.check_record(config.get(saved_format.KEY), str(tfolder / "config.json")),
                         str(tfolder / "config.json")))
     elif transformer is None and (root / "model_index.json").is_file():
-        records.append((saved_format.read_folder_record(root), str(root / "model_index.json")))
+        records.append((saved_format.read_folder_record(root, index), str(root / "model_index.json")))
     if lora is not None and records[-1][0] is not None and records[-1][0] is not lora_record:
         raise ValueError(f"lora: applies to a stock base pipeline, but {records[-1][1]} is already a TwinFlow "
                          f"checkpoint ({records[-1][0]['mode']} mode)")
@@ -564,9 +568,9 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
     pipe_cls = _pipeline_class(bb, pipeline_class)
     if tfolder is not None:
         check_transformer_folder(tfolder, model)
-    overrides = component_overrides(bb, root, parts)
-    root = check_pipeline_folder(root, model, with_transformer=transformer is None, overridden=overrides)
-    tquant, rest_quant = _quantization(bb, root, quantization_config, overrides, dtype, dev)
+    overrides = component_overrides(bb, root, parts, index)
+    root = check_pipeline_folder(root, model, with_transformer=transformer is None, overridden=overrides, index=index)
+    tquant, rest_quant = _quantization(bb, root, quantization_config, overrides, dtype, dev, index)
     if gguf_file is not None and tquant is not None:
         if not isinstance(quantization_config, str):
             raise ValueError(f"quantization_config: {gguf_file} is a GGUF file, already quantized; a config for "
@@ -630,7 +634,7 @@ def _pipeline_class(bb, pipeline_class):
     return cls
 
 
-def _quantization(bb, root: pathlib.Path, quantization_config, overrides, dtype, dev):
+def _quantization(bb, root: pathlib.Path, quantization_config, overrides, dtype, dev, index: Optional[dict] = None):
     """(transformer config, the rest's config) for load_pipeline (``twinflow.quantization``)."""
     if quantization_config is None:
         return None, None
@@ -640,7 +644,7 @@ def _quantization(bb, root: pathlib.Path, quantization_config, overrides, dtype,
                                                    if not hasattr(b, "load_from_parts")))
     from . import quantization
 
-    recorded = _read_json(root / "model_index.json")
+    recorded = index if index is not None else _read_json(root / "model_index.json")
     text_encoders = [k for k, v in recorded.items() if k.startswith("text_encoder") and k not in overrides
                      and isinstance(v, list) and len(v) == 2 and v[0] == "transformers"]
     return quantization.pipeline_quantization(quantization_config, transformer_skip=[bb.embed_name, bb.aux_name],

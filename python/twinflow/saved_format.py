@@ -119,10 +119,12 @@ def mark_model_index(path: pathlib.Path, model: str, mode: str) -> None:
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def read_folder_record(root: pathlib.Path) -> Optional[dict]:
-    """The record of a pipeline folder (model_index.json and transformer/config.json; they
-    must agree), or None when it has none."""
-    index = check_record(_files.read_json(root / "model_index.json").get(KEY), str(root / "model_index.json"))
+def read_folder_record(root: pathlib.Path, index: Optional[dict] = None) -> Optional[dict]:
+    """The record of a pipeline folder (model_index.json, or its parsed `index`, and
+    transformer/config.json; they must agree), or None when it has none."""
+    if index is None:
+        index = _files.read_json(root / "model_index.json")
+    index = check_record(index.get(KEY), str(root / "model_index.json"))
     config = root / "transformer" / "config.json"
     inner = check_record(_files.read_json(config).get(KEY), str(config)) if config.is_file() else None
     if index is not None and inner is not None and index != inner:

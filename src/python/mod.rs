@@ -48,5 +48,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     train::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_SAMPLING_STEPS", crate::config::MAX_SAMPLING_STEPS)?;
+    m.add("GAMMA_MAX_ROUNDS", crate::train::time::GAMMA_MAX_ROUNDS)?;
     Ok(())
 }

@@ -73,6 +73,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"),
                    help="cosine: from --lr to 0 over --lr-decay-steps of this run")
     t.add_argument("--lr-decay-steps", type=positive_int, default=None, help="the cosine schedule's length")
+    t.add_argument("--lr-decay-start", type=int, default=0,
+                   help="cosine: keep --lr constant for this many steps first (default 0)")
     t.add_argument("--ema-decay", type=float, default=0.999, help="decay of the sampling weights' EMA")
     t.add_argument("--seed", type=int, default=0, help="seeds the network, data order and the loss's draws")
     t.add_argument("--width", type=positive_int, default=16, help="UNet base width")
@@ -134,6 +136,7 @@ def _train(args) -> int:
                              network={"width": args.width, "mults": [1, 2, 4]},
                              loss_overrides=dict(args.loss_overrides), init_from=args.init_from,
                              lr_schedule=args.lr_schedule, lr_decay_steps=args.lr_decay_steps,
+                             lr_decay_start=args.lr_decay_start,
                              ema_decay=args.ema_decay)
     try:
         cfg = train(settings, args.output_dir, data_dir=args.data_dir, device=args.device,

@@ -50,6 +50,7 @@ class TrainSettings:
     init_from: Optional[str] = None        # start network and EMA from this checkpoint (fine-tuning)
     lr_schedule: str = "constant"          # "constant", or "cosine" from lr to 0 over lr_decay_steps
     lr_decay_steps: Optional[int] = None   # the cosine's length in this run's steps (then lr stays 0)
+    lr_decay_start: int = 0                # constant lr before this step, then the cosine
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -74,17 +75,23 @@ class TrainSettings:
                              f"lr_schedule {self.lr_schedule!r}, lr_decay_steps {self.lr_decay_steps!r}")
         if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
             raise ValueError(f"lr_decay_steps must be >= 1, got {self.lr_decay_steps}")
+        if self.lr_decay_start < 0 or (self.lr_decay_start and self.lr_schedule != "cosine"):
+            raise ValueError(f"lr_decay_start must be >= 0 and goes with lr_schedule 'cosine', got lr_decay_start "
+                             f"{self.lr_decay_start}, lr_schedule {self.lr_schedule!r}")
         if self.train_subset is not None and self.train_subset < self.batch_size:
             raise ValueError(f"train_subset ({self.train_subset}) must be >= batch_size ({self.batch_size})")
 
 
 def lr_at(s: TrainSettings, step: int) -> float:
     """The learning rate of optimizer step `step` (0-based, this run's own steps): a pure
-    function of the step, so a resumed run follows the same schedule. The cosine's length is a
-    setting of its own, not ``max_steps``, which may change on resume."""
-    if s.lr_schedule == "constant":
+    function of the step, so a resumed run follows the same schedule. The cosine's length and
+    start are settings of their own, not ``max_steps``, which may change on resume; before
+    ``lr_decay_start`` the lr is constant, so a constant-lr run's checkpoint at that step is also
+    this schedule's."""
+    if s.lr_schedule == "constant" or step < s.lr_decay_start:
         return s.lr
-    return 0.5 * s.lr * (1.0 + math.cos(math.pi * min(step, s.lr_decay_steps) / s.lr_decay_steps))
+    k = min(step - s.lr_decay_start, s.lr_decay_steps)
+    return 0.5 * s.lr * (1.0 + math.cos(math.pi * k / s.lr_decay_steps))
 
 
 def parse_duration(text: str) -> float:
