@@ -7,8 +7,9 @@ published checkpoints; ``set_target_time(transformer, scheduler)`` wires it to t
 ``TwinFlowScheduler`` whose ``tt`` tensor is updated in place before every model call.
 Without a target time (``None``) tt = t.
 
-One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``, ``openuni``, ``flux``, ``wan``) holds everything
-specific to it in one ``Backbone`` object, ``BACKBONE`` (classes, time mapping, aux keys and
+One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``, ``openuni``, ``flux``,
+``wan``) holds everything specific to it in one ``Backbone`` object, ``BACKBONE`` (classes, time
+mapping, aux keys and
 initialisation, pipeline call arguments, training glue; see ``_backbone.py``), and exposes
 ``AUX_PREFIX``, ``patch(transformer, mode="aux" | "lora")`` and ``unpatch``. ``BACKBONES`` below
 is the one registry of backbones: every other module asks it (``backbone(name)``). Adding a

@@ -61,7 +61,8 @@ def test_published_settings(path):
     if lora:
         assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init) == (64, 64.0, "gaussian")
         assert any("to_q" in m for m in cfg.lora.target_modules)
-        assert any(e in m for m in cfg.lora.target_modules for e in ("t_embedder", "timestep_embedder", "time_embedder"))
+        embedders = ("t_embedder", "timestep_embedder", "time_embedder")
+        assert any(e in m for m in cfg.lora.target_modules for e in embedders)
     emd = {("sd35", "full"): 0.99, ("sd35", "lora", 1): 0.0, ("sd35", "lora", 2): 0.99,
            ("qwen_image", "full"): 0.0, ("qwen_image", "lora", 1): 1.0, ("qwen_image", "lora", 2): 0.99,
            ("sana", "full"): 0.999, ("sana", "lora", 1): 0.0, ("sana", "lora", 2): 0.99}

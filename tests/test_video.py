@@ -4,7 +4,8 @@
 1. 2-step generation through the stock WanPipeline with a TwinFlowScheduler equals the trainer's
    model call (``TwinFlowModel`` → ``Wan.call``) sampled with UnifiedSampler on the same noise,
    for one timestep per row (2.1) and per-token timesteps (2.2 TI2V): the time conventions agree;
-2. save_pretrained → load_pipeline gives identical frames (aux and LoRA mode);
+2. save_pretrained → load_pipeline gives identical frames (aux and LoRA mode), and a LoRA in
+   diffusers' layout loads onto the base with ``lora=`` to the same frames;
 3. Wan 2.2 A14B: loading keeps the high-noise expert alone (transformer_2 and boundary_ratio
    dropped, with a warning); a pipeline still routing by boundary_ratio, or transformer_2 passed
    in, is refused; ``twinflow train`` trains that expert and exports without transformer_2;
@@ -112,6 +113,31 @@ def test_save_load_round_trip_gives_identical_frames(mode, tmp_path):
 
 
 NO_AUX = "ignore:.*no aux target-time weights:UserWarning"  # a stock base: the aux embedder starts as the copy
+
+
+@pytest.mark.exact
+def test_lora_in_diffusers_layout_loads_onto_the_base(tmp_path):
+    """A LoRA-mode adapter (the config's targets, the timestep MLP among them) saved in diffusers'
+    layout (what ``twinflow train`` exports) loads onto the stock base with ``lora=`` and gives
+    the frames of the pipeline that held it."""
+    from twinflow import lora_files
+    from twinflow.training.config import load_config
+    from twinflow.training.models import add_lora
+
+    base = saved_pipeline("wan", "stock")
+    pipe = twinflow.load_pipeline(base, "wan", mode="lora")
+    add_lora(pipe.transformer, load_config(CONFIGS / "wan_lora_1order.yaml", ["lora.rank=4"]).lora, "online")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for n, p in pipe.transformer.named_parameters():
+            if ".lora_B." in n:  # gaussian init leaves B = 0 (no change yet)
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    want = _frames(pipe)
+    lora_files.save(tmp_path / "lora", pipe.transformer, "online", "wan")
+    loaded = twinflow.load_pipeline(base, lora=tmp_path / "lora")  # backbone and mode from its record
+    assert loaded.config["_twinflow"] == pipe.config["_twinflow"]
+    assert torch.equal(_frames(loaded), want)
+    assert not torch.allclose(_frames(twinflow.load_pipeline(base, "wan", mode="lora")), want, atol=1e-3)
 
 
 @pytest.mark.filterwarnings(NO_AUX)

@@ -283,8 +283,8 @@ def component_overrides(bb, root: pathlib.Path, given: Dict[str, object]) -> Dic
     unused = bb.unused_components(recorded)  # e.g. Wan 2.2 A14B's low-noise expert
     for name, value in given.items():
         if name in unused and value is not unused[name]:
-            raise ValueError(f"{name}: not used by TwinFlow's {bb.label} (it must be {unused[name]!r}; "
-                             "docs/algorithm.md §4)")
+            raise ValueError(f"{name}: not used by TwinFlow's {bb.label} model, which loading sets to "
+                             f"{unused[name]!r} (docs/algorithm.md §4); leave it out")
     return {**left_out, **unused, **given}
 
 
