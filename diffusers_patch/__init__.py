@@ -7,8 +7,9 @@ published checkpoints; ``set_target_time(transformer, scheduler)`` wires it to t
 ``TwinFlowScheduler`` whose ``tt`` tensor is updated in place before every model call.
 Without a target time (``None``) tt = t.
 
-One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``, ``openuni``) holds everything
-specific to it in one ``Backbone`` object, ``BACKBONE`` (classes, time mapping, aux keys and
+One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``, ``openuni``, ``flux``,
+``wan``) holds everything specific to it in one ``Backbone`` object, ``BACKBONE`` (classes, time
+mapping, aux keys and
 initialisation, pipeline call arguments, training glue; see ``_backbone.py``), and exposes
 ``AUX_PREFIX``, ``patch(transformer, mode="aux" | "lora")`` and ``unpatch``. ``BACKBONES`` below
 is the one registry of backbones: every other module asks it (``backbone(name)``). Adding a
@@ -30,7 +31,7 @@ import torch
 from typing import Dict
 
 from ._backbone import Backbone
-from ._common import TT_ATTR, is_patched
+from ._common import PATCH_ATTR, TT_ATTR, is_patched
 
 #: The registry: backbone name → the module defining its ``BACKBONE`` (a module of this
 #: package, or a full dotted module path). Importing a backbone module does not import
@@ -42,6 +43,7 @@ BACKBONES = {
     "sana": "sana",
     "openuni": "openuni",
     "flux": "flux",
+    "wan": "wan",
 }
 
 __all__ = ["BACKBONES", "Backbone", "backbone", "backbones", "canonical_name", "module_for", "patch",
@@ -89,6 +91,9 @@ def set_target_time(transformer: torch.nn.Module, tt) -> None:
         if not (hasattr(tt, "scheduler") and hasattr(tt, "transformer")):
             raise TypeError(f"tt must be a torch.Tensor, a scheduler with a `tt` tensor, a pipeline or None; "
                             f"got {type(tt).__name__}")
+        family = getattr(transformer, PATCH_ATTR)[0]
+        if family in BACKBONES:  # e.g. Wan 2.2 A14B still routing steps to its second expert
+            backbone(family).check_pipeline(tt)
         tt = weakref.ref(tt)
     object.__setattr__(transformer, TT_ATTR, tt)
 

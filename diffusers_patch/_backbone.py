@@ -149,6 +149,14 @@ class Backbone:
     aux_init: str = "copy"
     #: the pipeline argument that turns on classifier-free guidance (> 1)
     cfg_kwarg: str = "guidance_scale"
+    #: a video family: latents [B, C, F, h, w] (F latent frames), pipelines called with ``num_frames`` and
+    #: ``num_videos_per_prompt``, returning ``.frames``; image families: latents [B, C, h, w], ``.images``
+    video: bool = False
+    #: video families: the pipeline's default frame count and the frame rate a written video plays at
+    default_num_frames: Optional[int] = None
+    default_fps: Optional[int] = None
+    #: (height, width) ``twinflow generate`` renders when not told
+    default_size: Tuple[int, int] = (1024, 1024)
     #: pipeline arguments needed to render exactly height × width
     exact_size: Tuple[Tuple[str, object], ...] = ()
     #: names of the text tensors, in the order of the cond list the model call receives
@@ -193,6 +201,23 @@ class Backbone:
     def check_config(self, transformer: nn.Module) -> None:
         """ValueError for a transformer configuration the patch does not support."""
 
+    def check_num_frames(self, num_frames: int, what: str = "num_frames") -> None:
+        """ValueError unless `num_frames` pixel frames are a clip this family makes and encodes
+        (`what` names the argument in the message). Image families: 1 frame only."""
+        if num_frames != 1:
+            raise ValueError(f"{what}: {self.name} is an image family (one frame); frame counts apply to video "
+                             f"families, got {num_frames}")
+
+    def unused_components(self, model_index: dict) -> Dict[str, object]:
+        """{pipeline argument: value} that loading passes to ``from_pretrained`` so that parts of
+        a base folder TwinFlow does not use are not loaded (`model_index`: its model_index.json).
+        None of those may be given by the caller with another value."""
+        return {}
+
+    def check_pipeline(self, pipe) -> None:
+        """ValueError for a pipeline layout in which the patched transformer would not run as
+        TwinFlow assumes (checked when a transformer is wired to a pipeline)."""
+
     @property
     def aux_init_text(self) -> str:
         """How ``make_aux`` initialises the aux embedder, for messages."""
@@ -221,8 +246,8 @@ class Backbone:
 
     def call(self, transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: List[torch.Tensor]
              ) -> torch.Tensor:
-        """The velocity z − x of latents x [B, C, h, w] at signed TwinFlow time t [B] (tt is
-        already wired with ``set_target_time``)."""
+        """The velocity z − x of latents x [B, C, h, w] (video families: [B, C, F, h, w]) at signed
+        TwinFlow time t [B] (tt is already wired with ``set_target_time``)."""
         raise NotImplementedError
 
     def encode_text(self, pipe, texts: List[str], device) -> Dict[str, torch.Tensor]:

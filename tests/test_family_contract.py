@@ -1,5 +1,6 @@
 """The contract every registered family keeps, checked on each one by being registered
-(``twinflow.tiny.BACKBONES``: a family with a tiny pipeline builder is in this suite).
+(``twinflow.tiny.BACKBONES`` and ``VIDEO_BACKBONES``: a family with a tiny pipeline builder is in
+this suite; a video family — ``Backbone.video`` — gets latents [B, C, F, h, w]).
 
 Through the trainer's call path (``TwinFlowModel`` → ``Backbone.call`` → patched transformer),
 on the family's tiny random-weight transformer:
@@ -22,10 +23,12 @@ import copy
 import pytest
 import torch
 
-from tiny_pipelines import BACKBONES, build_transformer, one_thread  # noqa: F401 (autouse fixture)
+from tiny_pipelines import BACKBONES as IMAGE_BACKBONES, build_transformer, one_thread  # noqa: F401 (autouse fixture)
+from twinflow.tiny import VIDEO_BACKBONES
 from twinflow import diffusers_patch
 from twinflow.training.models import TwinFlowModel
 
+BACKBONES = IMAGE_BACKBONES + VIDEO_BACKBONES
 B = 4
 # dyadic times: exact on both sides of a family's time conversion (Z-Image's t_z = 1 − t)
 T = torch.tensor([0.875, 0.625, 0.375, 0.125])
@@ -33,13 +36,17 @@ TT = torch.tensor([0.0, 0.25, 0.375, 0.0625])
 
 
 def _inputs(model, transformer):
-    """Latents [B, C, 8, 8] and a cond list of the family's text tensors, built from its config."""
+    """Latents [B, C, 8, 8] ([B, C, 2, 8, 8]: 2 latent frames of a video family) and a cond list
+    of the family's text tensors, built from its config."""
     cfg, g = transformer.config, torch.Generator().manual_seed(4)
     packed = model in ("qwen-image", "flux")
     channels = cfg.in_channels // 4 if packed else cfg.in_channels
-    width = next(cfg[k] for k in ("joint_attention_dim", "caption_channels", "cap_feat_dim") if k in cfg)
-    x = torch.randn(B, channels, 8, 8, generator=g)
+    width = next(cfg[k] for k in ("joint_attention_dim", "caption_channels", "cap_feat_dim", "text_dim") if k in cfg)
+    frames = (2,) if diffusers_patch.backbone(model).video else ()
+    x = torch.randn(B, channels, *frames, 8, 8, generator=g)
     cond = [torch.randn(B, 5, width, generator=g)]
+    if len(diffusers_patch.backbone(model).text_keys) == 1:
+        return x, cond
     if "pooled_projection_dim" in cfg and cfg.get("pooled_projection_dim"):
         cond.append(torch.randn(B, cfg.pooled_projection_dim, generator=g))
     else:

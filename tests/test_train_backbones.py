@@ -16,11 +16,11 @@ import pytest
 import torch
 
 
-from tiny_pipelines import TEST_SIZE, build, tiny_threads  # noqa: E402
+from tiny_pipelines import BACKBONES as IMAGE_BACKBONES, TEST_SIZE, build, tiny_threads  # noqa: E402
 
 from twinflow import diffusers_patch  # noqa: E402
 from twinflow import TwinFlowLoss, TwinFlowScheduler, UnifiedSampler  # noqa: E402
-from twinflow.diffusers_patch import BACKBONES, backbone  # noqa: E402
+from twinflow.diffusers_patch import backbone  # noqa: E402
 from twinflow.training.models import TwinFlowModel  # noqa: E402
 
 @pytest.fixture(autouse=True)
@@ -57,7 +57,8 @@ def _pipeline_latents(pipe, model, noise):
     return noise
 
 
-@pytest.mark.parametrize("model", sorted(set(BACKBONES) - {"openuni"}))  # OpenUni: test_train_openuni.py
+# the image families (OpenUni: test_train_openuni.py; Wan, a video family: test_video.py)
+@pytest.mark.parametrize("model", sorted(IMAGE_BACKBONES))
 def test_model_call_matches_stock_pipeline(model):
     family = backbone(model)
     pipe = build(model)

@@ -1,11 +1,13 @@
-"""``twinflow generate``: images from a TwinFlow checkpoint folder through the stock diffusers
-pipeline (``twinflow.load_pipeline``), one PNG per image and a JSON with the exact settings
-beside each.
+"""``twinflow generate``: images (or videos, for a video family such as Wan) from a TwinFlow
+checkpoint folder through the stock diffusers pipeline (``twinflow.load_pipeline``), one PNG per
+image — one video file per video — and a JSON with the exact settings beside each.
 
     twinflow generate --model qwen-image --model-path TwinFlow-Qwen-Image --prompt "a cat" \\
         --steps 2 --seed 42 --height 1024 --width 768 --output-dir out/
+    twinflow generate --model wan --model-path my-twinflow-wan --prompt "a cat" --num-frames 33 --fps 16
 
-Image ``k`` of prompt ``p`` is ``{p:03d}-{k:02d}.png``; every prompt's images come from one
+Image ``k`` of prompt ``p`` is ``{p:03d}-{k:02d}.png`` (a video ``{p:03d}-{k:02d}.mp4``, or
+``.webp`` / ``.gif``: ``--video-format``); every prompt's images come from one
 pipeline call with ``torch.Generator("cpu").manual_seed(seed)``, so the same settings give the
 same images. diffusers is imported only when the command runs (``twinflow --help`` stays fast).
 """
@@ -44,9 +46,18 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=2,
                    help="sampling steps (= NFE): 1 → the 1-NFE preset, 2 → 2-NFE, 3 or more → the 4-NFE settings")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--height", type=positive_int, default=1024,
-                   help="image height in pixels (the pipelines need multiples of 16, Sana of 32)")
-    p.add_argument("--width", type=positive_int, default=1024, help="image width in pixels")
+    p.add_argument("--height", type=positive_int, default=None,
+                   help="image height in pixels (the pipelines need multiples of 16, Sana of 32); default 1024, "
+                        "for a video family its pipeline's (Wan: 480)")
+    p.add_argument("--width", type=positive_int, default=None,
+                   help="image width in pixels; default 1024, for a video family its pipeline's (Wan: 832)")
+    p.add_argument("--num-frames", type=positive_int, default=None,
+                   help="video families: frames per video (Wan: 4k + 1, default 81)")
+    p.add_argument("--fps", type=positive_int, default=None,
+                   help="video families: frame rate of the written video (Wan: default 16)")
+    p.add_argument("--video-format", choices=VIDEO_FORMATS, default=None,
+                   help="video families: mp4 (needs imageio and imageio-ffmpeg), webp (animated, lossless) or gif; "
+                        "default mp4 when imageio-ffmpeg is installed, else webp")
     p.add_argument("--num-images", type=positive_int, default=1,
                    help="images per prompt; image k of a prompt uses seed --seed + k")
     p.add_argument("--batch-size", type=positive_int, default=1,
@@ -116,15 +127,27 @@ def _distributed(device):
     return dist.get_rank(), dist.get_world_size()
 
 
-def _image_args(args: argparse.Namespace) -> dict:
-    """{"image": PIL image, "strength": s} for --image (a local file only), else {}."""
+#: what ``--video-format`` takes
+VIDEO_FORMATS = ("mp4", "webp", "gif")
+
+
+def _strength(args: argparse.Namespace):
+    """--strength for --image (default 0.6), checked before anything loads; None without --image."""
     if args.image is None:
         if args.strength is not None:
             raise ValueError("--strength: applies to image-to-image; give --image FILE")
-        return {}
+        return None
     strength = 0.6 if args.strength is None else args.strength
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"--strength: must be in (0, 1], got {strength}")
+    return strength
+
+
+def _image_args(args: argparse.Namespace, height: int, width: int) -> dict:
+    """{"image": PIL image, "strength": s} for --image (a local file only), else {}."""
+    strength = _strength(args)
+    if args.image is None:
+        return {}
     from PIL import Image, UnidentifiedImageError
 
     from . import _files
@@ -132,10 +155,62 @@ def _image_args(args: argparse.Namespace) -> dict:
     try:
         _files.regular_file(args.image)
         with Image.open(args.image) as im:
-            image = im.convert("RGB").resize((args.width, args.height))
+            image = im.convert("RGB").resize((width, height))
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise ValueError(f"--image: cannot read {args.image} as an image ({e})") from e
     return {"image": image, "strength": strength}
+
+
+def _mp4_writer() -> bool:
+    """Whether diffusers' ``export_to_video`` can write mp4 here (imageio with its ffmpeg)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("imageio", "imageio_ffmpeg"))
+
+
+def _video_settings(bb, args: argparse.Namespace) -> dict:
+    """{"num_frames", "fps", "video_format"} for a video family; {} for an image family, which
+    refuses the video options (and a video family refuses --image)."""
+    given = [f"--{k.replace('_', '-')}" for k in ("num_frames", "fps", "video_format") if getattr(args, k) is not None]
+    if not bb.video:
+        if given:
+            video = [n for n, b in _family_list() if b.video]
+            raise ValueError(f"{', '.join(given)}: {bb.name} is an image family (it writes PNG images); video options "
+                             f"apply to video families ({', '.join(video)})")
+        return {}
+    if args.image is not None:
+        raise ValueError(f"--image: {bb.name} is a video family (text-to-video); image-to-image applies to image "
+                         "families")
+    frames = bb.default_num_frames if args.num_frames is None else args.num_frames
+    bb.check_num_frames(frames, "--num-frames")
+    fmt = args.video_format or ("mp4" if _mp4_writer() else "webp")
+    if fmt == "mp4" and not _mp4_writer():
+        raise ValueError("--video-format mp4: needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg), "
+                         "which are not installed; use --video-format webp or gif")
+    return {"num_frames": frames, "fps": bb.default_fps if args.fps is None else args.fps, "video_format": fmt}
+
+
+def _family_list():
+    from . import diffusers_patch
+
+    return diffusers_patch.backbones().items()
+
+
+def write_video(frames, path: pathlib.Path, fps: int, video_format: str) -> None:
+    """Frames [F, H, W, 3] in [0, 1] (float) → an mp4 (diffusers' ``export_to_video``), or an
+    animated lossless WebP / a GIF through PIL, looping, at `fps`."""
+    import numpy as np
+
+    if video_format == "mp4":
+        from diffusers.utils import export_to_video
+
+        export_to_video(list(frames), str(path), fps=fps)
+        return
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)]
+    kw = dict(lossless=True) if video_format == "webp" else dict(optimize=False)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, **kw)
 
 
 def _img2img_class(args: argparse.Namespace) -> str:
@@ -153,6 +228,9 @@ def _img2img_class(args: argparse.Namespace) -> str:
         model = record["backbone"] if record else None
     if model is None:
         raise ValueError("--image: give --model (the folder records no backbone)")
+    if diffusers_patch.backbone(model).video:
+        raise ValueError(f"--image: {model} is a video family (text-to-video); image-to-image applies to image "
+                         "families")
     base = diffusers_patch.backbone(model).pipeline_class_name
     cls = _get_task_class(AUTO_IMAGE2IMAGE_PIPELINES_MAPPING, base, throw_error_if_not_exist=False)
     if cls is None:
@@ -191,9 +269,10 @@ def _extra_call_args(model: str, args: argparse.Namespace) -> dict:
 
 @register_command(
     "generate", add_arguments=_add_generate_arguments,
-    help="generate images from a TwinFlow checkpoint folder (diffusers pipeline)",
+    help="generate images (videos for a video family) from a TwinFlow checkpoint folder (diffusers pipeline)",
     description=("Loads a TwinFlow checkpoint (a diffusers pipeline folder) with twinflow.load_pipeline and "
-                 "writes one PNG per image and a JSON with the exact settings beside it."),
+                 "writes one PNG per image (one video file per video) and a JSON with the exact settings beside "
+                 "it."),
 )
 def _run_generate(args: argparse.Namespace) -> int:
     from ._logging import no_library_progress_bars
@@ -214,7 +293,11 @@ def _generate(args: argparse.Namespace) -> int:
     if args.steps > MAX_SAMPLING_STEPS:
         raise ValueError(f"--steps: must be at most {MAX_SAMPLING_STEPS}, got {args.steps}")
     prompts = _prompts(args)
-    image_kw = _image_args(args)
+    _strength(args)
+    if args.model is not None:  # refuse mismatched video / image options before loading anything
+        from . import diffusers_patch
+
+        _video_settings(diffusers_patch.backbone(args.model), args)
     device = resolve_device(args.device)
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and device.type == "cuda" and device.index is None:
@@ -225,7 +308,7 @@ def _generate(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model_path, args.model, dtype=dtype, device=device if args.offload == "none" else None,
                              mode=args.mode, transformer=args.transformer, subfolder=args.subfolder,
                              revision=args.revision, aux_weights=args.aux_weights,
-                             pipeline_class=_img2img_class(args) if image_kw else None,
+                             pipeline_class=_img2img_class(args) if args.image is not None else None,
                              quantization_config=None if args.quantize == "none" else args.quantize)
     except (FileNotFoundError, ImportError) as e:  # the registry reports ValueError as a one-line error
         raise ValueError(str(e)) from e
@@ -238,6 +321,13 @@ def _generate(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ValueError(f"--output-dir: cannot create {out_dir} ({e.strerror or e})") from e
     model = pipe.config["_twinflow"]["backbone"]  # --model, or what the folder records
+    from . import diffusers_patch
+
+    bb = diffusers_patch.backbone(model)
+    video = _video_settings(bb, args)
+    height = args.height or bb.default_size[0]
+    width = args.width or bb.default_size[1]
+    image_kw = _image_args(args, height, width)
     extra = _extra_call_args(model, args)
     settings = {
         "command": "generate", "model": model,
@@ -245,7 +335,7 @@ def _generate(args: argparse.Namespace) -> int:
         "transformer": None if args.transformer is None else _describe(args.transformer),
         "aux_weights": None if args.aux_weights is None else _describe(args.aux_weights),
         "mode": pipe.config["_twinflow"]["mode"], "steps": args.steps,
-        "height": args.height, "width": args.width, "seed": args.seed, "num_images": args.num_images,
+        "height": height, "width": width, "seed": args.seed, "num_images": args.num_images, **video,
         "negative_prompt": extra.get("negative_prompt"), "guidance_scale": args.guidance_scale,
         "batch_size": args.batch_size,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
@@ -270,13 +360,17 @@ def _generate(args: argparse.Namespace) -> int:
         call = {**extra, **image_kw}
         if "negative_prompt" in call:  # one per prompt of the batch
             call["negative_prompt"] = [call["negative_prompt"]] * len(batch)
-        array = pipe(prompt=[prompt for _, prompt in batch], height=args.height, width=args.width,
-                     num_inference_steps=args.steps, num_images_per_prompt=args.num_images, generator=generators,
-                     output_type="np", **call).images
+        if video:  # diffusers' video pipelines: num_frames, num_videos_per_prompt, .frames [N, F, H, W, 3]
+            call.update(num_frames=video["num_frames"], num_videos_per_prompt=args.num_images)
+        else:
+            call["num_images_per_prompt"] = args.num_images
+        out = pipe(prompt=[prompt for _, prompt in batch], height=height, width=width,
+                   num_inference_steps=args.steps, generator=generators, output_type="np", **call)
+        array = out.frames if video else out.images
         if not np.isfinite(array).all():  # e.g. NaN weights in the VAE: never write a blank image
             raise ValueError(f"prompts {[p for p, _ in batch]}: the decoded images contain NaN or Inf (corrupt "
                              f"weights in {args.model_path}?); nothing written for them")
-        images = pipe.numpy_to_pil(array)
+        images = list(array) if video else pipe.numpy_to_pil(array)
         wall = time.perf_counter() - t0
         # The config after the call holds the preset settings this step count used.
         scheduler = {"class": type(pipe.scheduler).__name__,
@@ -284,8 +378,15 @@ def _generate(args: argparse.Namespace) -> int:
         for j, image in enumerate(images):
             (p, prompt), k = batch[j // args.num_images], j % args.num_images
             stem = f"{p:03d}-{k:02d}"
-            image.save(out_dir / f"{stem}.png")
-            record = {**settings, "prompt": prompt, "prompt_index": p, "image_index": k, "image": f"{stem}.png",
+            if video:
+                name = f"{stem}.{video['video_format']}"
+                write_video(image, out_dir / name, video["fps"], video["video_format"])
+                what = {"video": name, "frames": int(image.shape[0])}
+            else:
+                name = f"{stem}.png"
+                image.save(out_dir / name)
+                what = {"image": name}
+            record = {**settings, "prompt": prompt, "prompt_index": p, "image_index": k, **what,
                       "image_seed": args.seed + k, "batch": [q for q, _ in batch], "rank": rank, "world_size": world,
                       "scheduler": scheduler, "wall_time_s": round(wall, 4)}
             (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2, default=list) + "\n")
@@ -299,5 +400,6 @@ def _generate(args: argparse.Namespace) -> int:
         if rank != 0:
             return 0
         written = sum(counts)
-    print(f"wrote {written} images (PNG + JSON) to {out_dir}")
+    kind = f"videos ({video['video_format']} + JSON)" if video else "images (PNG + JSON)"
+    print(f"wrote {written} {kind} to {out_dir}")
     return 0

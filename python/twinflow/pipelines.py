@@ -267,7 +267,7 @@ def component_overrides(bb, root: pathlib.Path, given: Dict[str, object], index:
     as diffusers takes them: those the caller gives (a loaded module, a tokenizer, or None to
     leave one out, e.g. ``text_encoder_3=None`` for SD3 without T5), and None for each that
     model_index.json records as left out (``[null, null]``: diffusers saves that, then refuses
-    to load it unless told again)."""
+    to load it unless told again), and what the backbone does not use (``unused_components``)."""
     params = inspect.signature(bb.pipeline_class().__init__).parameters
     names = [n for n in params if n not in ("self", "transformer", "scheduler")]
     for name, value in given.items():
@@ -282,7 +282,12 @@ def component_overrides(bb, root: pathlib.Path, given: Dict[str, object], index:
     recorded = index
     left_out = {k: None for k, v in recorded.items()
                 if k in names and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
-    return {**left_out, **given}
+    unused = bb.unused_components(recorded)  # e.g. Wan 2.2 A14B's low-noise expert
+    for name, value in given.items():
+        if name in unused and value is not unused[name]:
+            raise ValueError(f"{name}: not used by TwinFlow's {bb.label} model, which loading sets to "
+                             f"{unused[name]!r} (docs/algorithm.md §4); leave it out")
+    return {**left_out, **unused, **given}
 
 
 # ----------------------------------------------------------------------------- aux weights

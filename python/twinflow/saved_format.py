@@ -106,14 +106,17 @@ def mark_pipeline(pipe, model: str, mode: str) -> None:
     pipe.register_to_config(**{KEY: record})
 
 
-def mark_model_index(path: pathlib.Path, model: str, mode: str) -> None:
+def mark_model_index(path: pathlib.Path, model: str, mode: str, unused: Optional[dict] = None) -> None:
     """What ``mark_pipeline`` does to a saved pipeline's model_index.json, on the file (for a
-    pipeline folder written piece by piece, as the training export does)."""
+    pipeline folder written piece by piece, as the training export does). `unused`: the
+    backbone's ``unused_components`` (components become ``[null, null]``, settings the value)."""
     import json
 
     index = _files.read_json(path)
     from . import diffusers_patch
 
+    for name, value in (unused or {}).items():
+        index[name] = [None, None] if isinstance(index.get(name), list) else value
     index[KEY] = make_record(model, mode)
     index["transformer"] = [LIBRARY, diffusers_patch.backbone(model).transformer_class_name]
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipelines (Qwen-Image, Z-Image, SD3, Sana): a smoke test of
+"""Tiny random-weight diffusers pipelines (Qwen-Image, Z-Image, SD3, Sana, FLUX, Wan): a smoke test of
 ``twinflow train`` / ``load_pipeline`` / ``twinflow generate`` on a CPU in seconds, and the
 models the test suite runs everything on.
 
@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BACKBONES", "TEST_SIZE", "build", "build_transformer", "tiny_dc_ae"]
+__all__ = ["BACKBONES", "TEST_SIZE", "VIDEO_BACKBONES", "WAN_VARIANTS", "build", "build_transformer", "build_wan",
+           "tiny_dc_ae"]
 
-#: the backbones a tiny pipeline is built for
+#: the image backbones a tiny pipeline is built for (the backbone-parametrised suites run on each)
 BACKBONES = ("qwen-image", "z-image", "sd3", "sana", "flux")
+#: the video backbones a tiny pipeline is built for (the family contract runs on them too;
+#: tests/test_video.py runs their pipeline paths)
+VIDEO_BACKBONES = ("wan",)
 #: an image size (pixels) every tiny pipeline accepts
 TEST_SIZE = 32
 
@@ -130,8 +134,16 @@ def _flux_transformer():
         axes_dims_rope=(4, 4, 8))
 
 
+def _wan_transformer(in_channels: int = 16):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels,
+        out_channels=in_channels, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+
 TRANSFORMERS = {"qwen-image": _qwen_image_transformer, "z-image": _z_image_transformer, "sd3": _sd3_transformer,
-                "sana": _sana_transformer, "flux": _flux_transformer}
+                "sana": _sana_transformer, "flux": _flux_transformer, "wan": _wan_transformer}
 
 
 def build_transformer(model: str):
@@ -256,8 +268,38 @@ def build_sana():
                         text_encoder=text_encoder, tokenizer=_gemma_tokenizer())
 
 
+#: the layouts ``build_wan`` makes: Wan 2.1 T2V; Wan 2.2 A14B (two experts, boundary_ratio); Wan 2.2
+#: TI2V 5B (48-channel residual VAE with ×16 pixels per latent, per-token timesteps)
+WAN_VARIANTS = ("2.1", "2.2-a14b", "2.2-ti2v")
+
+
+def build_wan(variant: str = "2.1"):
+    """A tiny WanPipeline (text-to-video) in one of ``WAN_VARIANTS``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if variant not in WAN_VARIANTS:
+        raise ValueError(f"variant: expected one of {WAN_VARIANTS}, got {variant!r}")
+    torch.manual_seed(0)
+    ti2v = variant == "2.2-ti2v"
+    transformer = _wan_transformer(48 if ti2v else 16)
+    extra = {}
+    if variant == "2.2-a14b":
+        extra = dict(transformer_2=_wan_transformer(), boundary_ratio=0.875)
+    elif ti2v:
+        extra = dict(expand_timesteps=True)
+    vae_kw = (dict(z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2, scale_factor_spatial=16,
+                   latents_mean=[0.0] * 48, latents_std=[1.0] * 48) if ti2v else dict(z_dim=16))
+    vae = AutoencoderKLWan(base_dim=3, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                           **vae_kw)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                                               relative_attention_num_buckets=8)).eval()
+    return WanPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       text_encoder=text_encoder, tokenizer=_t5_tokenizer(), **extra)
+
+
 BUILDERS = {"qwen-image": build_qwen_image, "z-image": build_z_image, "sd3": build_sd3, "sana": build_sana,
-            "flux": build_flux}
+            "flux": build_flux, "wan": build_wan}
 
 
 def build(model: str):
@@ -268,7 +310,8 @@ def build(model: str):
 # ----------------------------------------------------------------------------- command
 
 def _add_arguments(p) -> None:
-    p.add_argument("--model", default="sd3", choices=BACKBONES, help="the pipeline family (default sd3)")
+    p.add_argument("--model", default="sd3", choices=BACKBONES + VIDEO_BACKBONES,
+                   help="the pipeline family (default sd3)")
     p.add_argument("--output-dir", required=True, help="a new or empty folder for the pipeline")
     p.add_argument("--quiet", action="store_true", help="print nothing")
 

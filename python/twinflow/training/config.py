@@ -132,6 +132,9 @@ class DataConfig:
     num_workers: int = 2
     #: safetensors file with the text embeddings of the empty prompt (precomputed datasets)
     null_text_embeds: Optional[str] = None
+    #: video families: frames per clip (Wan: 4k + 1), taken from each clip's start every frame_stride-th
+    num_frames: int = 1
+    frame_stride: int = 1
 
 
 @dataclass
@@ -285,6 +288,7 @@ def _check(cfg: RunConfig, err: _Err) -> None:
                 "training.grad_accum_steps": t.grad_accum_steps, "training.checkpoint_every": t.checkpoint_every,
                 "training.keep_last": t.keep_last, "training.sample_every": t.sample_every,
                 "training.log_every": t.log_every, "data.resolution": cfg.data.resolution,
+                "data.num_frames": cfg.data.num_frames, "data.frame_stride": cfg.data.frame_stride,
                 "sampling.num_images": s.num_images}
     if t.steps_per_epoch is not None:
         positive["training.steps_per_epoch"] = t.steps_per_epoch
@@ -295,6 +299,10 @@ def _check(cfg: RunConfig, err: _Err) -> None:
     for key, v in positive.items():
         if v < 1:
             raise err.value(key, f"must be >= 1, got {v}")
+    try:
+        diffusers_patch.backbone(m.name).check_num_frames(cfg.data.num_frames, "data.num_frames")
+    except ValueError as e:
+        raise err.value("data.num_frames", str(e).split(": ", 1)[1]) from None
     for key, v in {"training.lr": t.lr, "training.adam_eps": t.adam_eps}.items():
         if not v > 0:
             raise err.value(key, f"must be > 0, got {v}")

@@ -1,4 +1,5 @@
-"""Training data: a parquet file of (text, image_bytes) rows or a folder of images + captions;
+"""Training data: a parquet file of (text, image_bytes) rows or a folder of images + captions
+(video families: clips, as folders of frames, and images as 1-frame clips: ``ClipFolderDataset``);
 for image-free training (``twinflow.use_image_free``) prompts only: a parquet with just the
 caption column, or a .txt file with one prompt per line.
 
@@ -22,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
 LATENTS, TEXT_EMBEDS = "latents", "text_embeds"
 
 
@@ -123,6 +125,59 @@ class ParquetDataset(Dataset):
         self._cached = (-1, None)
 
 
+class ClipFolderDataset(Dataset):
+    """Video families: clips and images in a folder (recursively). A clip is a folder of frame
+    images (in name order) with its caption in a .txt of the folder's name beside it
+    (``clips/walk/0001.png …`` + ``clips/walk.txt``); it gives `num_frames` frames from its
+    start, every `frame_stride`-th, as [3, num_frames, R, R]. An image outside clip folders,
+    captioned like in ``FolderDataset``, is a 1-frame clip [3, 1, R, R] — so with
+    ``num_frames`` > 1 images are refused (a batch holds clips of one length). Video files
+    need a video reader, which is not installed: they are refused, naming them."""
+
+    def __init__(self, path, resolution: int, num_frames: int, frame_stride: int = 1):
+        root = pathlib.Path(path)
+        self.resolution, self.num_frames, self.stride = resolution, num_frames, frame_stride
+        folders = sorted(p for p in root.rglob("*") if p.is_dir() and _caption(p).is_file())
+        self.clips = [(p, sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)) for p in folders]
+        inside = set(folders)
+        images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                        and not inside.intersection(p.parents))
+        videos = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+        if videos:
+            raise ValueError(f"{root}: video files ({videos[0].name}, ...) need a video reader (imageio or av), which "
+                             "is not installed: extract each clip's frames into a folder (frames as images, the "
+                             "caption in <folder>.txt beside it)")
+        need = 1 + (num_frames - 1) * frame_stride
+        for clip, frames in self.clips:
+            if len(frames) < need:
+                raise ValueError(f"{clip}: {len(frames)} frames, fewer than the {need} that data.num_frames = "
+                                 f"{num_frames} at data.frame_stride = {frame_stride} takes")
+        if images and num_frames > 1:
+            raise ValueError(f"{root}: {len(images)} images (e.g. {images[0]}), which are 1-frame clips, while "
+                             f"data.num_frames = {num_frames}: a batch holds clips of one length; train on images "
+                             "with data.num_frames: 1, or keep them out of this folder")
+        missing = [p for p in images if not _caption(p).is_file()]
+        if missing:
+            raise ValueError(f"{root}: {len(missing)} images without a caption file, e.g. {_caption(missing[0])}")
+        self.items = [(p, frames[:need:frame_stride]) for p, frames in self.clips] + [(p, [p]) for p in images]
+        if not self.items:
+            raise ValueError(f"{root}: no clips (folders of frames with a <folder>.txt caption beside them) and no "
+                             f"images ({', '.join(IMAGE_SUFFIXES)}) found")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        p, frames = self.items[index]
+        return {"pixel_values": torch.stack([load_image(f, self.resolution) for f in frames], dim=1),
+                "text": _caption(p).read_text().strip()}
+
+
+def _caption(p: pathlib.Path) -> pathlib.Path:
+    """The caption file of an image (same stem) or of a clip folder (its name + .txt beside it)."""
+    return p.parent / (p.name + ".txt") if p.is_dir() else p.with_suffix(".txt")
+
+
 class FolderDataset(Dataset):
     """Images in a folder (recursively), each with a caption in a .txt file of the same stem."""
 
@@ -198,17 +253,25 @@ class PromptsDataset(Dataset):
         return {"text": self.prompts[index]}
 
 
-def open_dataset(path, cfg) -> Dataset:
+def open_dataset(path, cfg, video: bool = False) -> Dataset:
     """A parquet file, an image folder or a prompts .txt file, per `cfg` (a DataConfig). A
-    parquet without an image column, like the .txt file, gives prompts only (image-free training)."""
+    parquet without an image column, like the .txt file, gives prompts only (image-free training).
+    `video` (a video family): a folder holds clips and images (``ClipFolderDataset``); a
+    parquet's images are 1-frame clips, its precomputed latents [C, F, h, w]."""
     p = pathlib.Path(path)
     if not p.exists():
         raise ValueError(f"--dataset-path: {path} does not exist (expected a .parquet file, an image folder or a "
                          "prompts .txt file)")
     if p.is_dir():
+        if video:
+            return ClipFolderDataset(p, cfg.resolution, cfg.num_frames, cfg.frame_stride)
         return FolderDataset(p, cfg.resolution)
     if p.is_file() and p.suffix == ".parquet":
-        return ParquetDataset(p, cfg.resolution, cfg.caption_column, cfg.image_column)
+        data = ParquetDataset(p, cfg.resolution, cfg.caption_column, cfg.image_column)
+        if video and cfg.num_frames > 1 and "image" in data.columns:
+            raise ValueError(f"{path}: its images are 1-frame clips, while data.num_frames = {cfg.num_frames}: use "
+                             "data.num_frames: 1, a clip folder, or precomputed latents [C, F, h, w]")
+        return data
     if p.is_file() and p.suffix == ".txt":
         return PromptsDataset(p)
     raise ValueError(f"--dataset-path: expected a .parquet file, an image folder or a prompts .txt file, got {path}")

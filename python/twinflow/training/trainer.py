@@ -51,13 +51,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def save_grid(images: torch.Tensor, path: pathlib.Path) -> None:
-    """[N, 3, H, W] in [-1, 1] → one PNG, ceil(√N) images per row."""
+def save_grid(images: torch.Tensor, path: pathlib.Path, cols: Optional[int] = None) -> None:
+    """[N, 3, H, W] in [-1, 1] → one PNG, `cols` (default ceil(√N)) images per row."""
     import numpy as np
     from PIL import Image
 
     n, _, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
     arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -97,7 +97,7 @@ class Trainer:
         self.loss_fn = TwinFlowLoss(cfg.twinflow.recipe, **cfg.twinflow.settings())
 
         # data
-        self.dataset = open_dataset(dataset_path, cfg.data)
+        self.dataset = open_dataset(dataset_path, cfg.data, video=self.family.video)
         self.loader = make_loader(self.dataset, batch_size=t.batch_size, world=d.world, rank=d.rank,
                                   shuffle=cfg.data.shuffle, seed=t.seed, num_workers=cfg.data.num_workers)
         # bf16 autocast where the device has it; elsewhere everything runs in float32 (frozen
@@ -199,8 +199,9 @@ class Trainer:
             raise ValueError(f"{self.cfg.model.pretrained_model_name_or_path} has no vae/ folder, needed for the "
                              "latent size of a prompts-only dataset")
         r = self.cfg.data.resolution
+        frames = (self.cfg.data.num_frames,) if self.family.video else ()  # clips [1, 3, F, r, r]
         with torch.no_grad():
-            lat = self.family.encode_latents(self.vae, torch.zeros(1, 3, r, r, device=self.d.device),
+            lat = self.family.encode_latents(self.vae, torch.zeros(1, 3, *frames, r, r, device=self.d.device),
                                              torch.Generator(self.d.device).manual_seed(0))
         return tuple(lat.shape[1:])
 
@@ -402,7 +403,12 @@ class Trainer:
         if not self.d.main or self.vae is None:
             return None
         path = self.out / "samples" / f"step-{self.step:06d}.png"
-        save_grid(self.family.decode_latents(self.vae, latents.float()), path)
+        pixels = self.family.decode_latents(self.vae, latents.float())
+        if pixels.dim() == 5:  # clips [N, 3, F, H, W]: one row per clip, at most 8 frames evenly spread
+            keep = torch.linspace(0, pixels.shape[2] - 1, min(pixels.shape[2], 8)).round().long()
+            save_grid(pixels[:, :, keep.to(pixels.device)].transpose(1, 2).flatten(0, 1), path, cols=len(keep))
+        else:
+            save_grid(pixels, path)
         return path
 
     # ------------------------------------------------------------------ export
@@ -414,7 +420,7 @@ class Trainer:
         loads with ``twinflow.load_pipeline(path)``); for LoRA also ``<output>/lora``, the
         adapter in diffusers' LoRA layout (``twinflow.lora_files``), where the pipeline class
         has diffusers' LoRA loader (not OpenUni)."""
-        from .. import lora_files
+        from .. import _files, lora_files
         from ..saved_format import mark_model_index
 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -431,10 +437,13 @@ class Trainer:
         if self.d.main:
             tmp = self.out / "pipeline.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(base, tmp, ignore=lambda d, names: ["transformer"] if pathlib.Path(d) == base else [])
+            # parts TwinFlow does not use (Wan 2.2 A14B's second expert) are not copied
+            unused = self.family.unused_components(_files.read_json(base / "model_index.json"))
+            skip = ["transformer", *unused]
+            shutil.copytree(base, tmp, ignore=lambda d, names: skip if pathlib.Path(d) == base else [])
             weights = merged if self.lora else {k[len("transformer."):]: v for k, v in sd.items()}
             ckpt.save_diffusers(tmp / "transformer", transformer, weights)  # its config holds the record
-            mark_model_index(tmp / "model_index.json", self.family.name, "lora" if self.lora else "aux")
+            mark_model_index(tmp / "model_index.json", self.family.name, "lora" if self.lora else "aux", unused)
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
             if self.lora and lora_files.supported(self.family.name):  # OpenUni: the merged export only
