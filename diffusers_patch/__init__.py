@@ -60,7 +60,7 @@ def canonical_name(model: str) -> str:
 
 
 def module_for(model: str):
-    """The module of a backbone name ("qwen-image", "z-image", "sd3", "sana", "openuni")."""
+    """The module of a backbone name ("qwen-image", "z-image", "sd3", "sana", ...: ``BACKBONES``)."""
     module = BACKBONES[canonical_name(model)]
     return importlib.import_module(module if "." in module else f"{__name__}.{module}")
 

@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipelines (Qwen-Image, Z-Image, SD3, Sana) for tests: the
+"""Tiny random-weight diffusers pipelines (every family in ``twinflow.tiny.BACKBONES``) for tests: the
 builders are ``twinflow.tiny`` (also ``twinflow tiny-pipeline``); this module saves them.
 
 ``saved_pipeline(model, layout)`` saves a pipeline with ``save_pretrained`` into a temporary
