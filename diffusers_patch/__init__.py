@@ -8,8 +8,8 @@ published checkpoints; ``set_target_time(transformer, scheduler)`` wires it to t
 Without a target time (``None``) tt = t.
 
 One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``, ``openuni``, ``flux``,
-``wan``) holds everything specific to it in one ``Backbone`` object, ``BACKBONE`` (classes, time
-mapping, aux keys and
+``chroma``, ``lumina2``, ``wan``) holds everything
+specific to it in one ``Backbone`` object, ``BACKBONE`` (classes, time mapping, aux keys and
 initialisation, pipeline call arguments, training glue; see ``_backbone.py``), and exposes
 ``AUX_PREFIX``, ``patch(transformer, mode="aux" | "lora")`` and ``unpatch``. ``BACKBONES`` below
 is the one registry of backbones: every other module asks it (``backbone(name)``). Adding a
@@ -43,6 +43,8 @@ BACKBONES = {
     "sana": "sana",
     "openuni": "openuni",
     "flux": "flux",
+    "chroma": "chroma",
+    "lumina2": "lumina2",
     "wan": "wan",
 }
 
@@ -59,7 +61,7 @@ def canonical_name(model: str) -> str:
 
 
 def module_for(model: str):
-    """The module of a backbone name ("qwen-image", "z-image", "sd3", "sana", "openuni")."""
+    """The module of a backbone name ("qwen-image", "z-image", "sd3", "sana", ...: ``BACKBONES``)."""
     module = BACKBONES[canonical_name(model)]
     return importlib.import_module(module if "." in module else f"{__name__}.{module}")
 

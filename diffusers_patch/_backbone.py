@@ -26,8 +26,8 @@ from torch import nn
 
 from ._common import fresh_copy, install, lora_label, scaled_times, uninstall
 
-__all__ = ["Backbone", "MIN_DIFFUSERS", "TimestepPath", "normal_init", "ones_mask", "pack_2x2", "scaled_timestep_forwards",
-           "unpack_2x2"]
+__all__ = ["Backbone", "MIN_DIFFUSERS", "TimestepPath", "ids_2x2", "normal_init", "ones_mask", "pack_2x2",
+           "scaled_timestep_forwards", "unpack_2x2"]
 
 
 def normal_init(embed: nn.Module, std: float = 0.02) -> nn.Module:
@@ -104,6 +104,16 @@ def pack_2x2(x: torch.Tensor) -> torch.Tensor:
     pipelines pack them (``_pack_latents``)."""
     b, c, h, w = x.shape
     return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def ids_2x2(shape, device, dtype) -> torch.Tensor:
+    """The rotary position ids [(h/2)(w/2), 3] of the 2×2-packed tokens of latents of `shape`
+    [B, C, h, w] (FLUX's and Chroma's ``_prepare_latent_image_ids``: (0, row, column))."""
+    _, _, h, w = shape
+    ids = torch.zeros(h // 2, w // 2, 3, device=device)
+    ids[..., 1] += torch.arange(h // 2, device=device)[:, None]
+    ids[..., 2] += torch.arange(w // 2, device=device)[None, :]
+    return ids.reshape(-1, 3).to(dtype)
 
 
 def unpack_2x2(tokens: torch.Tensor, shape) -> torch.Tensor:

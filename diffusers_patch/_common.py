@@ -103,10 +103,17 @@ def install(transformer: torch.nn.Module, *, model: str, mode: str, embed_name: 
     embed = getattr(transformer, embed_name)
     if mode == "aux" and not isinstance(getattr(transformer, aux_name, None), torch.nn.Module):
         transformer.add_module(aux_name, make_aux(embed))
-    object.__setattr__(embed, _SAVED, embed.__dict__.get("forward"))
-    embed.forward = functools.partial(forwards[mode], transformer, embed.forward)
+    hook(transformer, embed_name, forwards[mode])
     mark(transformer, model, mode)
     return transformer
+
+
+def hook(transformer: torch.nn.Module, name: str, forward: Callable) -> None:
+    """Replace the forward of the submodule `name` on its instance by
+    ``forward(transformer, original_forward, *args)``; ``uninstall(embed_name=name)`` undoes it."""
+    module = getattr(transformer, name)
+    object.__setattr__(module, _SAVED, module.__dict__.get("forward"))
+    module.forward = functools.partial(forward, transformer, module.forward)
 
 
 def uninstall(transformer: torch.nn.Module, *, embed_name: str, aux_name: str) -> torch.nn.Module:

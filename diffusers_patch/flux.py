@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backbone import Backbone, TimestepPath, pack_2x2, scaled_timestep_forwards, unpack_2x2
+from ._backbone import Backbone, TimestepPath, ids_2x2, pack_2x2, scaled_timestep_forwards, unpack_2x2
 
 AUX = "time_text_embed_2"
 #: the transformer embeds timestep · TIME_SCALE
@@ -54,15 +54,12 @@ class Flux(Backbone):
 
     def call(self, transformer, x, t, cond):
         # FluxPipeline._pack_latents / _prepare_latent_image_ids / _unpack_latents
-        b, c, h, w = x.shape
-        ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
-        ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
-        ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+        b = x.shape[0]
         txt_ids = torch.zeros(cond[0].shape[1], 3, device=x.device, dtype=x.dtype)
         guidance = (torch.full((b,), TRAIN_GUIDANCE, device=x.device, dtype=x.dtype)
                     if transformer.config.guidance_embeds else None)
         out = transformer(hidden_states=pack_2x2(x), encoder_hidden_states=cond[0], pooled_projections=cond[1],
-                          timestep=t, guidance=guidance, img_ids=ids.reshape(-1, 3).to(x.dtype), txt_ids=txt_ids,
+                          timestep=t, guidance=guidance, img_ids=ids_2x2(x.shape, x.device, x.dtype), txt_ids=txt_ids,
                           return_dict=False)[0]
         return unpack_2x2(out, x.shape)
 

@@ -10,7 +10,14 @@ on the family's tiny random-weight transformer:
 2. aux mode with tt ≠ t differs from the stock model, and depends on the aux weights;
 3. LoRA mode adds no weights, and at (t, tt) is the stock model at the label t − tt/2;
 4. the state dict gains exactly the aux keys (``aux_prefix``) in aux mode and none in LoRA
-   mode; unpatching restores the stock keys and outputs.
+   mode; unpatching restores the stock keys and outputs;
+5. a saved pipeline of the family loaded as the next registered family is a ValueError naming
+   both transformer classes.
+
+The rest of the contract runs in the backbone-parametrised suites: save_pretrained →
+load_pipeline round trip (test_load_pipeline), a training step in each mode
+(test_train_backbones), a 2-step generation through the stock pipeline class with
+TwinFlowScheduler (test_load_pipeline, test_generate_cli).
 
 Each family's formula itself (against a float64 transcription, or the published wrapper) is
 checked in its own module test (tests/test_patch_*.py, tests/test_published_fidelity.py).
@@ -23,9 +30,9 @@ import copy
 import pytest
 import torch
 
-from tiny_pipelines import BACKBONES as IMAGE_BACKBONES, build_transformer, one_thread  # noqa: F401 (autouse fixture)
+from tiny_pipelines import BACKBONES as IMAGE_BACKBONES, build_transformer, one_thread, saved_pipeline  # noqa: F401
 from twinflow.tiny import VIDEO_BACKBONES
-from twinflow import diffusers_patch
+from twinflow import diffusers_patch, load_pipeline
 from twinflow.training.models import TwinFlowModel
 
 BACKBONES = IMAGE_BACKBONES + VIDEO_BACKBONES
@@ -39,7 +46,7 @@ def _inputs(model, transformer):
     """Latents [B, C, 8, 8] ([B, C, 2, 8, 8]: 2 latent frames of a video family) and a cond list
     of the family's text tensors, built from its config."""
     cfg, g = transformer.config, torch.Generator().manual_seed(4)
-    packed = model in ("qwen-image", "flux")
+    packed = model in ("qwen-image", "flux", "chroma")  # 2×2-packed tokens inside the call
     channels = cfg.in_channels // 4 if packed else cfg.in_channels
     width = next(cfg[k] for k in ("joint_attention_dim", "caption_channels", "cap_feat_dim", "text_dim") if k in cfg)
     frames = (2,) if diffusers_patch.backbone(model).video else ()
@@ -119,3 +126,12 @@ def test_keys_added_and_unpatch_restores_the_stock_model(model):
         bb.unpatch(patched)
         assert set(patched.state_dict()) == keys
         assert torch.equal(_stock(bb, patched, x, T, cond), ref)
+
+
+@pytest.mark.parametrize("model", BACKBONES)
+def test_a_checkpoint_of_another_family_is_refused_naming_both(model):
+    other = BACKBONES[(BACKBONES.index(model) + 1) % len(BACKBONES)]
+    want = {m: diffusers_patch.backbone(m).transformer_class_name for m in (model, other)}
+    with pytest.raises(ValueError) as err:
+        load_pipeline(saved_pipeline(model, "stock"), other)
+    assert want[model] in str(err.value) and want[other] in str(err.value), str(err.value)

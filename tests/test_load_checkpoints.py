@@ -21,7 +21,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -43,8 +42,7 @@ generate = tiny_pipelines.generate_images
 
 
 def quiet_load(*args, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # trained aux weights present: no warning expected
+    with tiny_pipelines.strict_warnings():  # trained aux weights present: no warning expected
         return load_pipeline(*args, **kw)
 
 

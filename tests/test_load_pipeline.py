@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -47,8 +46,7 @@ SIZE = tiny_pipelines.TEST_SIZE
 
 def load(model, layout="aux", **kw):
     """load_pipeline on a saved tiny folder, expecting no warning unless the layout has no aux keys."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore" if layout == "stock" or kw.get("mode") == "lora" else "error")
+    with tiny_pipelines.strict_warnings(ignore_all=layout == "stock" or kw.get("mode") == "lora"):
         pipe = load_pipeline(tiny_pipelines.saved_pipeline(model, layout), model, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -196,8 +194,7 @@ def test_aux_keys_round_trip_through_save_pretrained(model, tmp_path):
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["scheduler"][1] == "TwinFlowPresetScheduler"
     assert set(saved_aux(tmp_path, model)) == set(saved_aux(tiny_pipelines.saved_pipeline(model, "aux"), model))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with tiny_pipelines.strict_warnings():
         again = load_pipeline(tmp_path, model)
     again.set_progress_bar_config(disable=True)
     for k, v in aux_state(pipe.transformer, model).items():

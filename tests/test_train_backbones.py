@@ -35,11 +35,13 @@ def _one_thread():
 SETTINGS = dict(stochast_ratio=0.0, rfba_gap_steps=(0.001, 0.6), sampling_style="few")
 # Guidance off (Z-Image's pipeline guides for any scale > 0; Qwen-Image only with a negative prompt).
 NO_CFG = {"sd3": dict(guidance_scale=1.0), "sana": dict(guidance_scale=1.0), "z-image": dict(guidance_scale=0.0),
-          "qwen-image": {}, "flux": dict(true_cfg_scale=1.0)}  # FLUX: guidance_scale is the distilled embedding
+          "qwen-image": {}, "flux": dict(true_cfg_scale=1.0),  # FLUX: guidance_scale is the distilled embedding
+          "chroma": dict(guidance_scale=1.0), "lumina2": dict(guidance_scale=1.0)}
+PACKED = ("flux", "chroma")  # 2×2-packed tokens, FluxPipeline's layout
 
 
 def _latent_shape(pipe, model):
-    if model == "flux":  # FluxPipeline.prepare_latents: 2·(size // (2·vae_scale_factor)), 2×2-packed channels
+    if model in PACKED:  # FluxPipeline.prepare_latents: 2·(size // (2·vae_scale_factor)), 2×2-packed channels
         side = 2 * (TEST_SIZE // (2 * pipe.vae_scale_factor))
         return (1, pipe.transformer.config.in_channels // 4, side, side)
     if model == "qwen-image":
@@ -51,7 +53,7 @@ def _latent_shape(pipe, model):
 
 def _pipeline_latents(pipe, model, noise):
     """What the stock pipeline passes as `latents` (packed for Qwen-Image) → our [B, C, h, w]."""
-    if model in ("qwen-image", "flux"):
+    if model in ("qwen-image",) + PACKED:
         b, c, h, w = noise.shape
         return pipe._pack_latents(noise, b, c, h, w)
     return noise
@@ -84,7 +86,7 @@ def test_model_call_matches_stock_pipeline(model):
     torch.testing.assert_close(ours, stock.reshape(ours.shape), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("model", ["sana", "z-image", "flux"])  # SD3 and Qwen-Image train end to end in test_train_e2e
+@pytest.mark.parametrize("model", ["sana", "z-image", "flux", "chroma", "lumina2"])  # SD3, Qwen-Image: test_train_e2e
 def test_one_training_step(model):
     family = backbone(model)
     pipe = build(model)
@@ -111,13 +113,14 @@ def test_one_training_step(model):
     assert img.shape == (4, 3, TEST_SIZE, TEST_SIZE)
 
 
-CONFIG = {"sd3": "sd35", "qwen-image": "qwen_image", "z-image": "z_image", "sana": "sana", "flux": "flux"}
+CONFIG = {"sd3": "sd35", "qwen-image": "qwen_image", "z-image": "z_image", "sana": "sana", "flux": "flux",
+          "chroma": "chroma", "lumina2": "lumina2"}
 
 
 @pytest.mark.parametrize("model", sorted(CONFIG))  # OpenUni: test_train_openuni.py (LoRA through twinflow train)
 def test_one_lora_training_step_with_the_published_targets(model):
     """LoRA mode (label t − tt/2, no aux embedder) with the adapter of configs/<model>_lora_1order.yaml:
-    its published target modules exist in the backbone (the timestep embedder among them),
+    its published target modules exist in the backbone (the time embedder, ``embed_name``, among them),
     the TwinFlow step is finite and only the adapter gets gradients."""
     import pathlib
 
@@ -132,7 +135,7 @@ def test_one_lora_training_step_with_the_published_targets(model):
     pipe.transformer.requires_grad_(False)
     add_lora(pipe.transformer, cfg.lora, "online")
     adapted = {n.split(".lora_A")[0] for n, _ in pipe.transformer.named_parameters() if ".lora_A." in n}
-    assert any("embedder" in n for n in adapted), sorted(adapted)  # the time embedder is adapted
+    assert any(n.startswith(family.embed_name + ".") for n in adapted), sorted(adapted)  # the time embedder is adapted
     net = TwinFlowModel(pipe.transformer, family).train()
     with torch.no_grad():
         embeds = family.encode_text(pipe, [f"picture {i}" for i in range(4)], torch.device("cpu"))
@@ -148,5 +151,5 @@ def test_one_lora_training_step_with_the_published_targets(model):
     grads = {n: p.grad for n, p in pipe.transformer.named_parameters() if p.requires_grad}
     assert grads and all("lora_" in n for n in grads)  # the base stays frozen
     # the time embedder's adapter learns (layers whose output the last block drops may get none)
-    emb = {n: g for n, g in grads.items() if "embedder" in n and ".lora_B." in n}
+    emb = {n: g for n, g in grads.items() if n.startswith(family.embed_name + ".") and ".lora_B." in n}
     assert emb and all(g is not None and g.abs().sum() > 0 for g in emb.values()), emb.keys()

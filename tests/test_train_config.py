@@ -13,6 +13,7 @@ import pytest
 
 
 from checks import expect_error  # noqa: E402
+from twinflow.diffusers_patch import backbone  # noqa: E402
 from twinflow.training.config import load_config, parse_config  # noqa: E402
 
 # OpenUni's four configs (full, image-free, LoRA 1st/2nd order) are checked in test_train_openuni.py,
@@ -20,7 +21,8 @@ from twinflow.training.config import load_config, parse_config  # noqa: E402
 CONFIGS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
                  if not p.stem.startswith(("openuni", "smoke")) and "_qlora_" not in p.stem)  # smoke_*: test_tiny.py
 QLORA = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*_qlora_*.yaml"))
-MODELS = {"sd35": "sd3", "qwen_image": "qwen-image", "z_image": "z-image", "sana": "sana", "flux": "flux", "wan": "wan"}
+MODELS = {"sd35": "sd3", "qwen_image": "qwen-image", "z_image": "z-image", "sana": "sana", "flux": "flux",
+          "chroma": "chroma", "lumina2": "lumina2", "wan": "wan"}
 #: models with first-order configs only (a video family: no second-order recipe yet)
 FIRST_ORDER_ONLY = ("wan",)
 BASE = {"model": {"name": "sd3", "pretrained_model_name_or_path": "/x"}}
@@ -52,17 +54,18 @@ def test_published_settings(path):
     tf, t = cfg.twinflow, cfg.training
     assert cfg.lora.enabled is lora
     assert tf.estimate_order == int(order[0])
-    # docs/algorithm.md §3.7, the published configs (Z-Image, FLUX and Wan, unpublished: Qwen-Image's;
-    # Sana: OpenUni's)
-    fam = {"z_image": "qwen_image", "flux": "qwen_image", "wan": "qwen_image"}.get(key, key)
+    # docs/algorithm.md §3.7, the published configs (Z-Image, FLUX, Chroma, Lumina-2 and Wan,
+    # unpublished: Qwen-Image's; Sana: OpenUni's)
+    fam = {"z_image": "qwen_image", "flux": "qwen_image", "chroma": "qwen_image", "lumina2": "qwen_image",
+           "wan": "qwen_image"}.get(key, key)
     assert t.lr == (1e-4 if lora or fam == "sana" else 1e-5)
     assert t.adam_betas == ((0.9, 0.95) if fam == "sana" else (0.9, 0.99))
     assert (t.grad_clip, t.weight_decay, t.mixed_precision, t.lr_scheduler) == (1.0, 0.0, "bf16", "constant")
     if lora:
         assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init) == (64, 64.0, "gaussian")
         assert any("to_q" in m for m in cfg.lora.target_modules)
-        embedders = ("t_embedder", "timestep_embedder", "time_embedder")
-        assert any(e in m for m in cfg.lora.target_modules for e in embedders)
+        time_embedder = ("t_embedder", "timestep_embedder", "time_embedder", backbone(cfg.model.name).embed_name)
+        assert any(e in m for m in cfg.lora.target_modules for e in time_embedder)
     emd = {("sd35", "full"): 0.99, ("sd35", "lora", 1): 0.0, ("sd35", "lora", 2): 0.99,
            ("qwen_image", "full"): 0.0, ("qwen_image", "lora", 1): 1.0, ("qwen_image", "lora", 2): 0.99,
            ("sana", "full"): 0.999, ("sana", "lora", 1): 0.0, ("sana", "lora", 2): 0.99}

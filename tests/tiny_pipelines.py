@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipelines (Qwen-Image, Z-Image, SD3, Sana) for tests: the
+"""Tiny random-weight diffusers pipelines (every family in ``twinflow.tiny.BACKBONES``) for tests: the
 builders are ``twinflow.tiny`` (also ``twinflow tiny-pipeline``); this module saves them.
 
 ``saved_pipeline(model, layout)`` saves a pipeline with ``save_pretrained`` into a temporary
@@ -10,7 +10,8 @@ folder once per test session and returns the folder:
 * ``"sharded"``: ``"aux"`` with the transformer split into several safetensors files plus
   ``diffusion_pytorch_model.safetensors.index.json``.
 
-``TEST_SIZE`` is an image size every tiny pipeline accepts. ``one_thread`` is a module-scoped
+``strict_warnings()`` turns every warning into an error but diffusers' own deprecations listed
+in ``FOREIGN_WARNINGS``. ``TEST_SIZE`` is an image size every tiny pipeline accepts. ``one_thread`` is a module-scoped
 autouse fixture (import it into a test module): ``tiny_threads()`` torch threads (1 unless
 ``$TWINFLOW_TEST_THREADS`` says otherwise) while the module runs.
 """
@@ -18,12 +19,14 @@ autouse fixture (import it into a test module): ``tiny_threads()`` torch threads
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import json
 import os
 import pathlib
 import shutil
 import tempfile
+import warnings
 from typing import Dict, Tuple
 
 import pytest
@@ -36,6 +39,21 @@ from twinflow.tiny import (BACKBONES, BUILDERS, TEST_SIZE, TRANSFORMERS, _qwen_t
 
 _ROOT = None
 _CACHE: Dict[Tuple[str, str], pathlib.Path] = {}
+
+
+#: warnings of other libraries that no twinflow code can avoid: diffusers 0.42's
+#: ChromaTransformer2DModel builds the deprecated diffusers.models.embeddings.FluxPosEmbed alias
+FOREIGN_WARNINGS = (r"`FluxPosEmbed` is deprecated",)
+
+
+@contextlib.contextmanager
+def strict_warnings(ignore_all: bool = False):
+    """Every warning is an error inside (all ignored with `ignore_all`), but FOREIGN_WARNINGS."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if ignore_all else "error")
+        for message in FOREIGN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        yield
 
 
 THREADS_ENV = "TWINFLOW_TEST_THREADS"

@@ -458,7 +458,8 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
     Args:
         path: a local diffusers pipeline folder, or a Hugging Face Hub repo id ("org/repo",
             resolved through huggingface_hub's cache; HF_HUB_OFFLINE=1 reads the cache only).
-        model: a registered backbone: "qwen-image", "z-image", "sd3", "sana" or "openuni".
+        model: a registered backbone (``diffusers_patch.BACKBONES``): "qwen-image", "z-image", "sd3",
+            "sana", "openuni", "flux", "chroma" or "lumina2".
             Optional for what twinflow saved (``save_pretrained`` of a pipeline loaded here,
             ``twinflow train``'s export, a LoRA given as `lora`): that records it
             (``twinflow.saved_format``); an explicit value that contradicts it is a ValueError.

@@ -1,4 +1,4 @@
-"""Tiny random-weight diffusers pipelines (Qwen-Image, Z-Image, SD3, Sana, FLUX, Wan): a smoke test of
+"""Tiny random-weight diffusers pipelines (Qwen-Image, Z-Image, SD3, Sana, FLUX.1, Chroma, Lumina-2, Wan): a smoke test of
 ``twinflow train`` / ``load_pipeline`` / ``twinflow generate`` on a CPU in seconds, and the
 models the test suite runs everything on.
 
@@ -25,7 +25,7 @@ __all__ = ["BACKBONES", "TEST_SIZE", "VIDEO_BACKBONES", "WAN_VARIANTS", "build",
            "tiny_dc_ae"]
 
 #: the image backbones a tiny pipeline is built for (the backbone-parametrised suites run on each)
-BACKBONES = ("qwen-image", "z-image", "sd3", "sana", "flux")
+BACKBONES = ("qwen-image", "z-image", "sd3", "sana", "flux", "chroma", "lumina2")
 #: the video backbones a tiny pipeline is built for (the family contract runs on them too;
 #: tests/test_video.py runs their pipeline paths)
 VIDEO_BACKBONES = ("wan",)
@@ -142,8 +142,27 @@ def _wan_transformer(in_channels: int = 16):
         out_channels=in_channels, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
 
 
+def _chroma_transformer():
+    from diffusers import ChromaTransformer2DModel
+
+    # approximator_*: the time embedder (an MLP over 16 sinusoid channels), 2 residual layers
+    return ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=16, approximator_hidden_dim=32,
+        approximator_layers=2)
+
+
+def _lumina2_transformer():
+    from diffusers import Lumina2Transformer2DModel
+
+    return Lumina2Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=2, multiple_of=16, axes_dim_rope=(8, 4, 4), cap_feat_dim=8)
+
+
 TRANSFORMERS = {"qwen-image": _qwen_image_transformer, "z-image": _z_image_transformer, "sd3": _sd3_transformer,
-                "sana": _sana_transformer, "flux": _flux_transformer, "wan": _wan_transformer}
+                "sana": _sana_transformer, "flux": _flux_transformer, "chroma": _chroma_transformer,
+                "lumina2": _lumina2_transformer, "wan": _wan_transformer}
 
 
 def build_transformer(model: str):
@@ -192,7 +211,7 @@ def build_z_image():
 
 
 def _tiny_kl_vae():
-    """SD3's and FLUX's tiny AutoencoderKL (4 latent channels, no downsampling; their shift/scale)."""
+    """SD3's, FLUX's and Chroma's tiny AutoencoderKL (4 latent channels, no downsampling; their shift/scale)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
@@ -207,9 +226,16 @@ def _tiny_clip_config(**kw):
                           num_attention_heads=4, num_hidden_layers=2, vocab_size=520, hidden_act="gelu", **kw)
 
 
+def _tiny_t5(d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=100, d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8)).eval()
+
+
 def build_sd3():
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
     transformer = _sd3_transformer()
@@ -218,8 +244,7 @@ def build_sd3():
     clip = _tiny_clip_config(projection_dim=32)
     te1 = CLIPTextModelWithProjection(clip).eval()
     te2 = CLIPTextModelWithProjection(clip).eval()
-    te3 = T5EncoderModel(T5Config(vocab_size=100, d_model=64, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
-                                  relative_attention_num_buckets=8)).eval()
+    te3 = _tiny_t5(d_model=64)
     return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
                                     text_encoder=te1, tokenizer=_clip_tokenizer(), text_encoder_2=te2,
                                     tokenizer_2=_clip_tokenizer(), text_encoder_3=te3, tokenizer_3=_t5_tokenizer())
@@ -227,7 +252,7 @@ def build_sd3():
 
 def build_flux():
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(0)
     transformer = _flux_transformer()
@@ -235,10 +260,44 @@ def build_flux():
     # CLIP gives the pooled text (pooled_projection_dim), T5 the sequence (joint_attention_dim).
     clip = _tiny_clip_config()
     te1 = CLIPTextModel(clip).eval()
-    te2 = T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
-                                  relative_attention_num_buckets=8)).eval()
+    te2 = _tiny_t5()
     return FluxPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
                         text_encoder=te1, tokenizer=_clip_tokenizer(), text_encoder_2=te2, tokenizer_2=_t5_tokenizer())
+
+
+def build_chroma():
+    from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = _chroma_transformer()
+    vae = _tiny_kl_vae()
+    # one T5 (no pooled text), of width joint_attention_dim
+    return ChromaPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                          text_encoder=_tiny_t5(), tokenizer=_t5_tokenizer())
+
+
+def _tiny_gemma2(num_hidden_layers: int = 1):
+    from transformers import Gemma2Config, Gemma2Model
+
+    return Gemma2Model(Gemma2Config(
+        head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192, num_attention_heads=2,
+        num_hidden_layers=num_hidden_layers, num_key_value_heads=2, vocab_size=360,
+        attn_implementation="eager")).eval()
+
+
+def build_lumina2():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline
+
+    torch.manual_seed(0)
+    transformer = _lumina2_transformer()
+    # Lumina2Pipeline assumes an 8× VAE (vae_scale_factor = 8, not read from the VAE): four blocks
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.1159, scaling_factor=0.3611)
+    # the pipeline reads the second-to-last hidden state: two layers
+    return Lumina2Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                           text_encoder=_tiny_gemma2(num_hidden_layers=2), tokenizer=_gemma_tokenizer())
 
 
 def tiny_dc_ae():
@@ -256,14 +315,11 @@ def tiny_dc_ae():
 
 def build_sana():
     from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
-    from transformers import Gemma2Config, Gemma2Model
 
     torch.manual_seed(0)
     transformer = _sana_transformer()
     vae = tiny_dc_ae()
-    text_encoder = Gemma2Model(Gemma2Config(
-        head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192, num_attention_heads=2,
-        num_hidden_layers=1, num_key_value_heads=2, vocab_size=360, attn_implementation="eager")).eval()
+    text_encoder = _tiny_gemma2()
     return SanaPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
                         text_encoder=text_encoder, tokenizer=_gemma_tokenizer())
 
@@ -299,7 +355,7 @@ def build_wan(variant: str = "2.1"):
 
 
 BUILDERS = {"qwen-image": build_qwen_image, "z-image": build_z_image, "sd3": build_sd3, "sana": build_sana,
-            "flux": build_flux, "wan": build_wan}
+            "flux": build_flux, "chroma": build_chroma, "lumina2": build_lumina2, "wan": build_wan}
 
 
 def build(model: str):
