@@ -6,7 +6,7 @@ signature the binding declares (``text_signature``, annotations included) and it
 docstring, as tokenizers' stub generator does. pyo3 records no types, so they come from
 ``.ci/stub_types.py``, checked against the module: a member without a type, a type for a
 member that is gone, or parameter names that differ from the binding's are errors.
-``tests/test_stubs.py`` fails when the checked-in file differs from a fresh run.
+``tests/package/test_stubs.py`` fails when the checked-in file differs from a fresh run.
 
     python .ci/stubgen.py           # rewrite python/twinflow/_core.pyi
     python .ci/stubgen.py --check   # exit 1 and show the diff when it is stale

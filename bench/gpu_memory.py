@@ -7,7 +7,7 @@ download), per weight format: the measured side of bench/memory_table.py's compu
 Each row: the component is built on the GPU in bf16 with N(0, 0.02) weights, quantized in place (torchao ``quantize_`` with the time embedders skipped, as
 ``twinflow.quantization`` configures diffusers), then one forward at 1024² (batch 1, 512 text
 tokens, no grad) runs; the row holds ``torch.cuda.max_memory_allocated`` (weights + the call's
-activations: build and call are one measurement) and the time of both. tests/test_bench_gpu_memory.py
+activations: build and call are one measurement) and the time of both. tests/package/test_bench_gpu_memory.py
 runs the same code on the CPU with tiny configs, so the script is known to run before GPU time
 is spent on it. The text encoders are
 not run (their activations are small next to the transformer's; their weights are in the

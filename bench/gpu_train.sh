@@ -8,7 +8,7 @@
 # of the 2.5B model holds fp32 weights, gradients, AdamW state and the EMA copy: ~50 GB).
 #   bash bench/gpu_train.sh                      # 4 timed steps each, batch 4, 1024 px
 #   STEPS=2 RESOLUTION=512 bash bench/gpu_train.sh
-#   SIZE=tiny RESOLUTION=32 STEPS=1 bash bench/gpu_train.sh     # CPU smoke test (tests/test_train_bench.py)
+#   SIZE=tiny RESOLUTION=32 STEPS=1 bash bench/gpu_train.sh     # CPU smoke test (tests/training/test_train_bench.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

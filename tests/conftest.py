@@ -1,4 +1,5 @@
-"""Shared test setup. The helpers in this folder — tiny random-weight pipelines
+"""Shared test setup. Tests live in folders by subject (sampler/, training/, families/,
+pipelines/, safety/, mnist/, package/); the helpers in this folder — tiny random-weight pipelines
 (``tiny_pipelines``, ``tiny_openuni``), the error checks (``checks``), the plain-PyTorch
 reference transcriptions (``ucgm_reference``, ``twinflow_reference``) and the recorded
 objective outputs (``objective_golden``) — are imported by name from every test file; this puts

@@ -1,4 +1,4 @@
-"""Property-based cases behind ``tests/test_fuzz.py`` (hypothesis). Not collected by pytest
+"""Property-based cases behind ``tests/safety/test_fuzz.py`` (hypothesis). Not collected by pytest
 on its own: ``test_fuzz.py`` runs each property in a child process with a timeout, so a
 crash (segfault, abort) or a hang fails that test instead of killing or stalling the suite.
 

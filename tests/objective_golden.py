@@ -6,7 +6,7 @@ against what the package computed before it.
     python tests/objective_golden.py          # records tests/data/objective_golden.safetensors
 
 The file records where it was made (CPU model, torch version, threads): on that kind of machine
-tests/test_objective_golden.py compares exactly; elsewhere within float rounding (reductions may
+tests/training/test_objective_golden.py compares exactly; elsewhere within float rounding (reductions may
 run in another order on another CPU's vector units).
 """
 

@@ -61,7 +61,7 @@ THREADS_ENV = "TWINFLOW_TEST_THREADS"
 
 def tiny_threads() -> int:
     """Torch threads for tiny-model tests: 1 (thread start-up dominates tiny models, 25× slower on
-    the shared 2-core machine), or ``$TWINFLOW_TEST_THREADS``: tests/test_thread_counts.py reruns
+    the shared 2-core machine), or ``$TWINFLOW_TEST_THREADS``: tests/package/test_thread_counts.py reruns
     the ``exact`` tests under 1 and 2 so a thread count cannot hide a layout dependence."""
     return int(os.environ.get(THREADS_ENV, "1"))
 

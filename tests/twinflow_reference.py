@@ -2,7 +2,7 @@
 with the conventions of docs/training.md (call order and rows, random-draw order, dtypes, EMA).
 
 This module deliberately does NOT import twinflow: it is the oracle that
-tests/test_losses.py and bench/train_step.py compare ``twinflow.TwinFlowLoss`` against.
+tests/training/test_losses.py and bench/train_step.py compare ``twinflow.TwinFlowLoss`` against.
 
 Conventions transcribed (docs/algorithm.md §3 + docs/training.md):
 

@@ -63,7 +63,7 @@ class TwinFlowLoss:
     """
 
     # The settings are written out for type checkers and IDEs (None: the recipe's value);
-    # tests/test_typed_surface.py checks them against LOSS_SETTINGS.
+    # tests/package/test_typed_surface.py checks them against LOSS_SETTINGS.
     def __init__(self, recipe: Literal["twinflow", "rcgm", "flow_matching"] = "twinflow", *,
                  batch_calls: bool = True, consistc_ratio: Optional[float] = None,
                  ema_decay_rate: Optional[float] = None, enhanced_ratio: Optional[float] = None,

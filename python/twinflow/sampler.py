@@ -27,7 +27,7 @@ _SWITCHES = [s["name"] for s in SAMPLER_SETTINGS if not s["saved"]]
 
 class UnifiedSampler:
     # The docstring is filled in from SAMPLER_SETTINGS below; the signature is written out for
-    # type checkers and IDEs, and tests/test_typed_surface.py checks it against that table.
+    # type checkers and IDEs, and tests/package/test_typed_surface.py checks it against that table.
 
     def __init__(self, sampling_steps: int = 20, stochast_ratio: Union[float, Literal["SDE"]] = 0.0,
                  extrapol_ratio: float = 0.0, sampling_order: int = 1,

@@ -27,7 +27,7 @@ __all__ = ["BACKBONES", "TEST_SIZE", "VIDEO_BACKBONES", "WAN_VARIANTS", "build",
 #: the image backbones a tiny pipeline is built for (the backbone-parametrised suites run on each)
 BACKBONES = ("qwen-image", "z-image", "sd3", "sana", "flux", "chroma", "lumina2")
 #: the video backbones a tiny pipeline is built for (the family contract runs on them too;
-#: tests/test_video.py runs their pipeline paths)
+#: tests/families/test_video.py runs their pipeline paths)
 VIDEO_BACKBONES = ("wan",)
 #: an image size (pixels) every tiny pipeline accepts
 TEST_SIZE = 32

@@ -11,7 +11,7 @@ import pytest
 
 from twinflow import _core
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stubgen():

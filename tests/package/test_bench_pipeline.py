@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 
 
 def _bench():

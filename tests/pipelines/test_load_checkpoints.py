@@ -35,7 +35,7 @@ from twinflow import load_pipeline  # noqa: E402
 from twinflow.diffusers_patch import backbone  # noqa: E402
 
 SIZE = tiny_pipelines.TEST_SIZE
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 generate = tiny_pipelines.generate_images

@@ -23,7 +23,7 @@ import pytest
 
 from tiny_pipelines import THREADS_ENV  # noqa: E402
 
-TESTS = pathlib.Path(__file__).resolve().parent
+TESTS = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow

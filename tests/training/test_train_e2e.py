@@ -118,7 +118,7 @@ def _train(cfg, data, out, *sets, resume=None) -> int:
 @contextlib.contextmanager
 def _one_thread():
     """Run as the torchrun subprocesses do (OMP_NUM_THREADS=1, or the test thread count that
-    tests/test_thread_counts.py also gives them): the same reduction order, so the same bits,
+    tests/package/test_thread_counts.py also gives them): the same reduction order, so the same bits,
     and no OpenMP oversubscription on a busy 2-core machine (several times faster)."""
     n = torch.get_num_threads()
     torch.set_num_threads(tiny_threads())

@@ -128,7 +128,7 @@ def test_one_lora_training_step_with_the_published_targets(model):
     from twinflow.training.models import add_lora
 
     family = backbone(model)
-    cfg = load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{CONFIG[model]}_lora_1order.yaml",
+    cfg = load_config(pathlib.Path(__file__).resolve().parents[2] / "configs" / f"{CONFIG[model]}_lora_1order.yaml",
                       ["lora.rank=4", "lora.alpha=4"])
     pipe = build(model)
     family.patch(pipe.transformer, mode="lora")

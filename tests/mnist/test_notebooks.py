@@ -12,7 +12,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = {
     "01_mnist_twinflow.ipynb": {"TWINFLOW_NB_STEPS": "20", "TWINFLOW_NB_FT_STEPS": "3"},  # short runs
     "02_twinflow_in_diffusers.ipynb": {},

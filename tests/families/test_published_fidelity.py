@@ -26,7 +26,7 @@ from tiny_pipelines import BACKBONES, build_transformer, one_thread  # noqa: E40
 from twinflow.training.models import TwinFlowModel  # noqa: E402
 
 #: the backbones with a published TwinFlow wrapper (FLUX, Chroma and Lumina-2 have none: their
-#: tests/test_patch_<name>.py check their formulas)
+#: tests/families/test_patch_<name>.py check their formulas)
 PUBLISHED = tuple(m for m in BACKBONES if m not in ("flux", "chroma", "lumina2"))
 F64 = torch.float64
 B = 4

@@ -21,7 +21,7 @@ from twinflow import diffusers_patch  # noqa: E402
 from twinflow.cli import main  # noqa: E402
 from twinflow.training.config import load_config, packaged_configs  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_old_top_level_name_is_the_same_package_with_a_deprecation_warning(monkeypatch):

@@ -418,7 +418,7 @@ def test_a_delayed_cosine_branches_exactly_from_a_constant_run(real, tmp_path):
                                   lr_decay_start=2)
     assert [lr_at(delayed(1), k) for k in range(8)] == pytest.approx(
         [1e-3, 1e-3, 1e-3, 8.535534e-4, 5e-4, 1.464466e-4, 0.0, 0.0])
-    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    bench = str(Path(__file__).resolve().parents[2] / "bench")
     sys.path.insert(0, bench)
     try:
         study = importlib.import_module("mnist_finetune_study")

@@ -18,9 +18,9 @@ from twinflow.training.config import load_config, parse_config  # noqa: E402
 
 # OpenUni's four configs (full, image-free, LoRA 1st/2nd order) are checked in test_train_openuni.py,
 # the CPU smoke config (not a published recipe) in test_tiny.py.
-CONFIGS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
+CONFIGS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")
                  if not p.stem.startswith(("openuni", "smoke")) and "_qlora_" not in p.stem)  # smoke_*: test_tiny.py
-QLORA = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*_qlora_*.yaml"))
+QLORA = sorted((pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*_qlora_*.yaml"))
 MODELS = {"sd35": "sd3", "qwen_image": "qwen-image", "z_image": "z-image", "sana": "sana", "flux": "flux",
           "chroma": "chroma", "lumina2": "lumina2", "wan": "wan"}
 #: models with first-order configs only (a video family: no second-order recipe yet)

@@ -15,7 +15,7 @@ import tiny_pipelines
 from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
 
 pytest.importorskip("torchao")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "bench"))
 import gpu_memory  # noqa: E402
 
 

@@ -16,7 +16,7 @@ import pytest
 import twinflow  # noqa: E402
 from twinflow.cli import COMMANDS, build_parser, main  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = pathlib.Path(twinflow.__file__).parent
 # tqdm's bar: "  40%|████      | 2/5 [00:01<00:01, 2.0it/s]"
 BAR = ("%|", "it/s]", "s/it]")

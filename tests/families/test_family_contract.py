@@ -20,7 +20,7 @@ load_pipeline round trip (test_load_pipeline), a training step in each mode
 TwinFlowScheduler (test_load_pipeline, test_generate_cli).
 
 Each family's formula itself (against a float64 transcription, or the published wrapper) is
-checked in its own module test (tests/test_patch_*.py, tests/test_published_fidelity.py).
+checked in its own module test (tests/families/test_patch_*.py, tests/families/test_published_fidelity.py).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from twinflow import diffusers_patch  # noqa: E402
 import twinflow  # noqa: E402
 from twinflow.training.config import load_config  # noqa: E402
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 # docs/algorithm.md §3.7 OpenUni rows: enr, emd, N, lora, use_image_free
 ROWS = {"openuni_full": (0.8, 0.999, 2, False, False), "openuni_full_imgfree": (4.0, 1.0, 2, False, True),
         "openuni_lora_1order": (0.8, 0.0, 1, True, False), "openuni_lora_2order": (0.8, 0.99, 2, True, False)}

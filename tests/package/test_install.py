@@ -30,7 +30,7 @@ import sysconfig
 import pytest
 import torch
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 REQUIRED = os.environ.get("TWINFLOW_REQUIRE_INSTALL_TEST") == "1"
 _TOOLS = shutil.which("cargo") and shutil.which("maturin", path=os.path.dirname(sys.executable) + os.pathsep
                                                  + os.environ.get("PATH", ""))

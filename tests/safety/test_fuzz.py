@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("hypothesis")
 
-CASES = pathlib.Path(__file__).with_name("fuzz_cases.py")
+CASES = pathlib.Path(__file__).resolve().parents[1] / "fuzz_cases.py"
 TIMEOUT_S = 600
 CORE = ("sampler_settings", "ucgm_step_inputs", "split_inputs")
 

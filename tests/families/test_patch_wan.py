@@ -10,7 +10,7 @@
 4. the state dict gains exactly the copied timestep path's keys; LoRA mode is the stock model at
    t − tt/2; unpatch restores stock outputs and keys;
 5. image-to-video transformers and a target time that fits no timestep shape are refused.
-Pipelines, generation, training and data: tests/test_video.py.
+Pipelines, generation, training and data: tests/families/test_video.py.
 """
 
 from __future__ import annotations

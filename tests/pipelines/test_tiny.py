@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 
 import twinflow  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _smoke_block():

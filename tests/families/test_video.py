@@ -42,7 +42,7 @@ from twinflow.training.models import TwinFlowModel
 
 WAN = backbone("wan")
 FRAMES = 5  # pixel frames (2 latent frames)
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
 def _frames(pipe, steps=2, seed=0, frames=FRAMES):
