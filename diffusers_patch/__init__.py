@@ -7,7 +7,8 @@ published checkpoints; ``set_target_time(transformer, scheduler)`` wires it to t
 ``TwinFlowScheduler`` whose ``tt`` tensor is updated in place before every model call.
 Without a target time (``None``) tt = t.
 
-One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``, ``openuni``) holds everything
+One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``, ``openuni``, ``flux``; the
+editing families ``qwen_image_edit``, ``qwen_image_edit_plus``, ``flux_kontext``) holds everything
 specific to it in one ``Backbone`` object, ``BACKBONE`` (classes, time mapping, aux keys and
 initialisation, pipeline call arguments, training glue; see ``_backbone.py``), and exposes
 ``AUX_PREFIX``, ``patch(transformer, mode="aux" | "lora")`` and ``unpatch``. ``BACKBONES`` below
@@ -42,6 +43,9 @@ BACKBONES = {
     "sana": "sana",
     "openuni": "openuni",
     "flux": "flux",
+    "qwen-image-edit": "qwen_image_edit",
+    "qwen-image-edit-plus": "qwen_image_edit_plus",
+    "flux-kontext": "flux_kontext",
 }
 
 __all__ = ["BACKBONES", "Backbone", "backbone", "backbones", "canonical_name", "module_for", "patch",

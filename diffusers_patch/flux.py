@@ -53,22 +53,38 @@ class Flux(Backbone):
         return TimestepPath.copy_of(embed)
 
     def call(self, transformer, x, t, cond):
-        # FluxPipeline._pack_latents / _prepare_latent_image_ids / _unpack_latents
+        return self._velocity(transformer, x, t, cond[0], cond[1])
+
+    @staticmethod
+    def _velocity(transformer, x, t, embeds, pooled, reference=None):
+        """FluxPipeline._pack_latents / _prepare_latent_image_ids / _unpack_latents; FLUX Kontext
+        appends the reference's tokens, their ids' first axis 1 (FluxKontextPipeline.prepare_latents),
+        and keeps the output's first tokens, those of x."""
         b, c, h, w = x.shape
-        ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
-        ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
-        ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
-        txt_ids = torch.zeros(cond[0].shape[1], 3, device=x.device, dtype=x.dtype)
+        tokens, ids = pack_2x2(x), [_image_ids(h // 2, w // 2, 0, x.device)]
+        if reference is not None:
+            tokens = torch.cat([tokens, pack_2x2(reference.to(x.dtype))], dim=1)
+            ids.append(_image_ids(reference.shape[-2] // 2, reference.shape[-1] // 2, 1, x.device))
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
         guidance = (torch.full((b,), TRAIN_GUIDANCE, device=x.device, dtype=x.dtype)
                     if transformer.config.guidance_embeds else None)
-        out = transformer(hidden_states=pack_2x2(x), encoder_hidden_states=cond[0], pooled_projections=cond[1],
-                          timestep=t, guidance=guidance, img_ids=ids.reshape(-1, 3).to(x.dtype), txt_ids=txt_ids,
+        out = transformer(hidden_states=tokens, encoder_hidden_states=embeds, pooled_projections=pooled,
+                          timestep=t, guidance=guidance, img_ids=torch.cat(ids).to(x.dtype), txt_ids=txt_ids,
                           return_dict=False)[0]
-        return unpack_2x2(out, x.shape)
+        return unpack_2x2(out[:, : (h // 2) * (w // 2)], x.shape)
 
     def encode_text(self, pipe, texts, device):
         pe, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=device)
         return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
+
+
+def _image_ids(h: int, w: int, index: float, device) -> torch.Tensor:
+    """The [h·w, 3] RoPE ids of an h × w token grid: (index, row, column)."""
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 0] = index
+    ids[..., 1] += torch.arange(h, device=device)[:, None]
+    ids[..., 2] += torch.arange(w, device=device)[None, :]
+    return ids.reshape(-1, 3)
 
 
 BACKBONE = Flux()

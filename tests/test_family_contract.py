@@ -12,7 +12,9 @@ on the family's tiny random-weight transformer:
    mode; unpatching restores the stock keys and outputs.
 
 Each family's formula itself (against a float64 transcription, or the published wrapper) is
-checked in its own module test (tests/test_patch_*.py, tests/test_published_fidelity.py).
+checked in its own module test (tests/test_patch_*.py, tests/test_published_fidelity.py). An
+editing family's model call gets reference latents too (another token grid than x): with
+Qwen-Image-Edit's ``zero_cond_t`` the reference half of the time embedding is in every check.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import copy
 import pytest
 import torch
 
-from tiny_pipelines import BACKBONES, build_transformer, one_thread  # noqa: F401 (autouse fixture)
+from tiny_pipelines import BACKBONES, build_transformer, family_inputs, one_thread  # noqa: F401 (autouse fixture)
 from twinflow import diffusers_patch
 from twinflow.training.models import TwinFlowModel
 
@@ -33,18 +35,9 @@ TT = torch.tensor([0.0, 0.25, 0.375, 0.0625])
 
 
 def _inputs(model, transformer):
-    """Latents [B, C, 8, 8] and a cond list of the family's text tensors, built from its config."""
-    cfg, g = transformer.config, torch.Generator().manual_seed(4)
-    packed = model in ("qwen-image", "flux")
-    channels = cfg.in_channels // 4 if packed else cfg.in_channels
-    width = next(cfg[k] for k in ("joint_attention_dim", "caption_channels", "cap_feat_dim") if k in cfg)
-    x = torch.randn(B, channels, 8, 8, generator=g)
-    cond = [torch.randn(B, 5, width, generator=g)]
-    if "pooled_projection_dim" in cfg and cfg.get("pooled_projection_dim"):
-        cond.append(torch.randn(B, cfg.pooled_projection_dim, generator=g))
-    else:
-        cond.append(torch.ones(B, 5, dtype=torch.long))
-    return x, cond
+    """Latents [B, C, 8, 8] and the cond list (text tensors; an editing family's reference latents
+    last), built from the family's config (tiny_pipelines.family_inputs)."""
+    return family_inputs(model, transformer, B)
 
 
 def _perturb(module, prefix):

@@ -57,7 +57,8 @@ def _pipeline_latents(pipe, model, noise):
     return noise
 
 
-@pytest.mark.parametrize("model", sorted(set(BACKBONES) - {"openuni"}))  # OpenUni: test_train_openuni.py
+# OpenUni: test_train_openuni.py; the editing families (a reference image too): test_edit_pipelines.py
+@pytest.mark.parametrize("model", sorted(m for m in BACKBONES if m != "openuni" and not backbone(m).edit))
 def test_model_call_matches_stock_pipeline(model):
     family = backbone(model)
     pipe = build(model)

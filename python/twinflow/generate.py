@@ -65,10 +65,13 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="with a GGUF --transformer that lacks the aux target-time embedder: a safetensors file or "
                         "transformer folder holding it")
     p.add_argument("--image", type=pathlib.Path, default=None, metavar="FILE",
-                   help="image-to-image: a local input image (resized to --height × --width); the family's "
-                        "Img2Img pipeline is used (diffusers' AutoPipelineForImage2Image mapping)")
+                   help="a local input image. Editing families (qwen-image-edit, qwen-image-edit-plus, "
+                        "flux-kontext): the reference image every prompt edits (required; the pipeline resizes it "
+                        "itself). Other families: image-to-image, the image resized to --height × --width and the "
+                        "family's Img2Img pipeline (diffusers' AutoPipelineForImage2Image mapping)")
     p.add_argument("--strength", type=float, default=None,
-                   help="with --image: how much of the TwinFlow steps to run, in (0, 1] (default 0.6)")
+                   help="image-to-image (not editing) with --image: how much of the TwinFlow steps to run, in "
+                        "(0, 1] (default 0.6)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                    help="weight quantization of the transformer and text encoders (the time embedders stay "
                         "unquantized): int8 / fp8 = torchao weight-only (CPU or GPU), nf4 / bnb-int8 = "
@@ -116,6 +119,21 @@ def _distributed(device):
     return dist.get_rank(), dist.get_world_size()
 
 
+def _read_image(args: argparse.Namespace, size=None):
+    """--image as an RGB PIL image (a local file only), resized to `size` (w, h) if given."""
+    from PIL import Image, UnidentifiedImageError
+
+    from . import _files
+
+    try:
+        _files.regular_file(args.image)
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")
+            return image.resize(size) if size is not None else image.copy()
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ValueError(f"--image: cannot read {args.image} as an image ({e})") from e
+
+
 def _image_args(args: argparse.Namespace) -> dict:
     """{"image": PIL image, "strength": s} for --image (a local file only), else {}."""
     if args.image is None:
@@ -125,17 +143,28 @@ def _image_args(args: argparse.Namespace) -> dict:
     strength = 0.6 if args.strength is None else args.strength
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"--strength: must be in (0, 1], got {strength}")
-    from PIL import Image, UnidentifiedImageError
+    return {"image": _read_image(args, (args.width, args.height)), "strength": strength}
 
-    from . import _files
 
-    try:
-        _files.regular_file(args.image)
-        with Image.open(args.image) as im:
-            image = im.convert("RGB").resize((args.width, args.height))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise ValueError(f"--image: cannot read {args.image} as an image ({e})") from e
-    return {"image": image, "strength": strength}
+def _reference_args(args: argparse.Namespace, family) -> dict:
+    """{"reference": PIL image} for an editing family: --image is the image every prompt edits."""
+    if args.image is None:
+        raise ValueError(f"--image: {family.name} edits an input image; give the reference image with --image FILE")
+    if args.strength is not None:
+        raise ValueError(f"--strength: applies to image-to-image; {family.name} edits --image (it is the reference, "
+                         "not a starting point)")
+    return {"reference": _read_image(args)}
+
+
+def _model_name(args: argparse.Namespace):
+    """--model, or the backbone the folder records; None when neither says."""
+    from .pipelines import resolve_model_path
+    from .saved_format import read_folder_record
+
+    if args.model is not None:
+        return args.model
+    record = read_folder_record(resolve_model_path(args.model_path, subfolder=args.subfolder, revision=args.revision))
+    return record["backbone"] if record else None
 
 
 def _img2img_class(args: argparse.Namespace) -> str:
@@ -143,14 +172,8 @@ def _img2img_class(args: argparse.Namespace) -> str:
     from diffusers.pipelines.auto_pipeline import AUTO_IMAGE2IMAGE_PIPELINES_MAPPING, _get_task_class
 
     from . import diffusers_patch
-    from .pipelines import resolve_model_path
-    from .saved_format import read_folder_record
 
-    model = args.model
-    if model is None:
-        record = read_folder_record(resolve_model_path(args.model_path, subfolder=args.subfolder,
-                                                       revision=args.revision))
-        model = record["backbone"] if record else None
+    model = _model_name(args)
     if model is None:
         raise ValueError("--image: give --model (the folder records no backbone)")
     base = diffusers_patch.backbone(model).pipeline_class_name
@@ -183,7 +206,7 @@ def _extra_call_args(model: str, args: argparse.Namespace) -> dict:
     from . import diffusers_patch
 
     bb = diffusers_patch.backbone(model)
-    kw = {bb.cfg_kwarg: args.guidance_scale, **dict(bb.exact_size)}
+    kw = {bb.cfg_kwarg: args.guidance_scale, **bb.exact_size_kwargs(args.height, args.width)}
     if args.guidance_scale > 1 and args.negative_prompt is not None:
         kw["negative_prompt"] = args.negative_prompt
     return kw
@@ -213,8 +236,16 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.steps > MAX_SAMPLING_STEPS:
         raise ValueError(f"--steps: must be at most {MAX_SAMPLING_STEPS}, got {args.steps}")
+    from . import diffusers_patch
+
     prompts = _prompts(args)
-    image_kw = _image_args(args)
+    try:
+        named = _model_name(args)
+    except (FileNotFoundError, ValueError):  # load_pipeline reports what is wrong with the folder
+        named = None
+    family = diffusers_patch.backbone(named) if named is not None else None
+    editing = family is not None and family.edit
+    image_kw = _reference_args(args, family) if editing else _image_args(args)
     device = resolve_device(args.device)
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and device.type == "cuda" and device.index is None:
@@ -225,7 +256,7 @@ def _generate(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model_path, args.model, dtype=dtype, device=device if args.offload == "none" else None,
                              mode=args.mode, transformer=args.transformer, subfolder=args.subfolder,
                              revision=args.revision, aux_weights=args.aux_weights,
-                             pipeline_class=_img2img_class(args) if image_kw else None,
+                             pipeline_class=_img2img_class(args) if image_kw and not editing else None,
                              quantization_config=None if args.quantize == "none" else args.quantize)
     except (FileNotFoundError, ImportError) as e:  # the registry reports ValueError as a one-line error
         raise ValueError(str(e)) from e
@@ -251,6 +282,7 @@ def _generate(args: argparse.Namespace) -> int:
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "quantize": args.quantize, "offload": args.offload,
         "input_image": None if args.image is None else str(args.image.resolve()),
+        "image_role": None if args.image is None else "reference" if editing else "img2img",
         "strength": image_kw.get("strength"),
         "twinflow_version": __version__, "torch_version": torch.__version__,
     }
@@ -268,6 +300,8 @@ def _generate(args: argparse.Namespace) -> int:
         # one generator per image, seeded --seed + k: an image is the same whatever the batch or process count
         generators = [torch.Generator("cpu").manual_seed(args.seed + k) for _ in batch for k in range(args.num_images)]
         call = {**extra, **image_kw}
+        if editing:  # the pipeline's image argument for this batch's prompts
+            call["image"] = family.reference_arg(pipe, call.pop("reference"), len(batch))
         if "negative_prompt" in call:  # one per prompt of the batch
             call["negative_prompt"] = [call["negative_prompt"]] * len(batch)
         array = pipe(prompt=[prompt for _, prompt in batch], height=args.height, width=args.width,
