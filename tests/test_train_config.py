@@ -21,12 +21,15 @@ CONFIGS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "conf
                  if not p.stem.startswith(("openuni", "smoke")) and "_qlora_" not in p.stem)  # smoke_*: test_tiny.py
 QLORA = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*_qlora_*.yaml"))
 MODELS = {"sd35": "sd3", "qwen_image": "qwen-image", "z_image": "z-image", "sana": "sana", "flux": "flux"}
+#: the editing families: 1st-order configs (the published edit training takes the Qwen-Image settings)
+EDIT = {"qwen_image_edit": "qwen-image-edit", "flux_kontext": "flux-kontext"}
 BASE = {"model": {"name": "sd3", "pretrained_model_name_or_path": "/x"}}
 
 
 def test_one_config_per_model_kind_and_order():
     names = {p.stem for p in CONFIGS}
     want = {f"{m}_{k}_{o}order" for m in MODELS for k in ("full", "lora") for o in (1, 2)}
+    want |= {f"{m}_{k}_1order" for m in EDIT for k in ("full", "lora")}
     assert names == want
 
 
@@ -40,18 +43,31 @@ def test_qlora_configs_are_their_lora_config_with_a_quantized_base(path):
     assert (cfg.lora, cfg.twinflow, cfg.sampling) == (base.lora, base.twinflow, base.sampling)
 
 
+@pytest.mark.parametrize("key", sorted(EDIT))
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_editing_configs_are_their_base_familys(key, kind):
+    """An editing family trains as its base family does (the published Qwen-Image-Edit training
+    only renames the model): the same sections but model and data.reference_column."""
+    base = {"qwen_image_edit": "qwen_image", "flux_kontext": "flux"}[key]
+    cfg = load_config(CONFIGS[0].with_name(f"{key}_{kind}_1order.yaml"))
+    ref = load_config(CONFIGS[0].with_name(f"{base}_{kind}_1order.yaml"))
+    assert (cfg.lora, cfg.training, cfg.twinflow, cfg.sampling) == (ref.lora, ref.training, ref.twinflow, ref.sampling)
+    assert cfg.data.reference_column == "reference_bytes" and cfg.model.name == EDIT[key] != ref.model.name
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_published_settings(path):
     cfg = load_config(path)
     key, kind, order = path.stem.rsplit("_", 2)
-    assert cfg.model.name == MODELS[key]
+    assert cfg.model.name == {**MODELS, **EDIT}[key]
     lora = kind == "lora"
     tf, t = cfg.twinflow, cfg.training
     assert cfg.lora.enabled is lora
     assert tf.estimate_order == int(order[0])
-    # docs/algorithm.md §3.7, the published configs (Z-Image and FLUX, unpublished: Qwen-Image's;
-    # Sana: OpenUni's)
-    fam = {"z_image": "qwen_image", "flux": "qwen_image"}.get(key, key)
+    # docs/algorithm.md §3.7, the published configs (Z-Image, FLUX and the editing families,
+    # unpublished: Qwen-Image's; Sana: OpenUni's)
+    fam = {"z_image": "qwen_image", "flux": "qwen_image", "qwen_image_edit": "qwen_image",
+           "flux_kontext": "qwen_image"}.get(key, key)
     assert t.lr == (1e-4 if lora or fam == "sana" else 1e-5)
     assert t.adam_betas == ((0.9, 0.95) if fam == "sana" else (0.9, 0.99))
     assert (t.grad_clip, t.weight_decay, t.mixed_precision, t.lr_scheduler) == (1.0, 0.0, "bf16", "constant")
