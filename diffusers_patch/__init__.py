@@ -8,7 +8,8 @@ published checkpoints; ``set_target_time(transformer, scheduler)`` wires it to t
 Without a target time (``None``) tt = t.
 
 One module per backbone (``qwen_image``, ``z_image``, ``sd3``, ``sana``, ``openuni``, ``flux``,
-``chroma``, ``lumina2``, ``wan``) holds everything
+``chroma``, ``lumina2``, ``wan``; the editing families ``qwen_image_edit``, ``qwen_image_edit_plus``,
+``flux_kontext``) holds everything
 specific to it in one ``Backbone`` object, ``BACKBONE`` (classes, time mapping, aux keys and
 initialisation, pipeline call arguments, training glue; see ``_backbone.py``), and exposes
 ``AUX_PREFIX``, ``patch(transformer, mode="aux" | "lora")`` and ``unpatch``. ``BACKBONES`` below
@@ -46,6 +47,9 @@ BACKBONES = {
     "chroma": "chroma",
     "lumina2": "lumina2",
     "wan": "wan",
+    "qwen-image-edit": "qwen_image_edit",
+    "qwen-image-edit-plus": "qwen_image_edit_plus",
+    "flux-kontext": "flux_kontext",
 }
 
 __all__ = ["BACKBONES", "Backbone", "backbone", "backbones", "canonical_name", "module_for", "patch",

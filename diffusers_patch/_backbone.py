@@ -12,7 +12,10 @@ Loading (``twinflow.load_pipeline``), generation (``twinflow generate``) and tra
 * pipeline call arguments: the classifier-free-guidance keyword, exact-size arguments;
 * training glue: the text tensors (``text_keys``, ``encode_text``), the model call
   (``call``: TwinFlow time t → the model's own time convention), latents to and from pixels,
-  the attributes holding the transformer blocks (FSDP units).
+  the attributes holding the transformer blocks (FSDP units);
+* editing families (``edit = True``: Qwen-Image-Edit, FLUX Kontext): the model call's cond list
+  ends with the reference image's latents, which are conditioning (never noised); the text
+  encoding gets the reference images, and generation passes one (``reference_arg``).
 
 Only names are declared at import time: diffusers is imported when a class is asked for.
 """
@@ -26,7 +29,7 @@ from torch import nn
 
 from ._common import fresh_copy, install, lora_label, scaled_times, uninstall
 
-__all__ = ["Backbone", "MIN_DIFFUSERS", "TimestepPath", "ids_2x2", "normal_init", "ones_mask", "pack_2x2",
+__all__ = ["Backbone", "MIN_DIFFUSERS", "TimestepPath", "ids_2x2", "normal_init", "ones_mask", "pack_2x2", "posterior",
            "scaled_timestep_forwards", "unpack_2x2"]
 
 
@@ -99,6 +102,12 @@ def scaled_timestep_forwards(aux_name: str, time_scale: float, aux_gets: str = "
     return {"aux": aux_forward, "lora": lora_forward}
 
 
+def posterior(dist, generator) -> torch.Tensor:
+    """A sample of a VAE's latent distribution, or its mode when `generator` is None (how the
+    edit pipelines encode a reference image: ``retrieve_latents(..., sample_mode="argmax")``)."""
+    return dist.mode() if generator is None else dist.sample(generator)
+
+
 def pack_2x2(x: torch.Tensor) -> torch.Tensor:
     """Latents [B, C, h, w] → tokens [B, (h/2)(w/2), 4C]: 2×2 patches, as the Qwen-Image and FLUX
     pipelines pack them (``_pack_latents``)."""
@@ -106,11 +115,13 @@ def pack_2x2(x: torch.Tensor) -> torch.Tensor:
     return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
 
 
-def ids_2x2(shape, device, dtype) -> torch.Tensor:
+def ids_2x2(shape, device, dtype, index: float = 0.0) -> torch.Tensor:
     """The rotary position ids [(h/2)(w/2), 3] of the 2×2-packed tokens of latents of `shape`
-    [B, C, h, w] (FLUX's and Chroma's ``_prepare_latent_image_ids``: (0, row, column))."""
-    _, _, h, w = shape
+    [..., h, w] (FLUX's and Chroma's ``_prepare_latent_image_ids``: (index, row, column); FLUX
+    Kontext's reference image has index 1)."""
+    h, w = shape[-2], shape[-1]
     ids = torch.zeros(h // 2, w // 2, 3, device=device)
+    ids[..., 0] = index
     ids[..., 1] += torch.arange(h // 2, device=device)[:, None]
     ids[..., 2] += torch.arange(w // 2, device=device)[None, :]
     return ids.reshape(-1, 3).to(dtype)
@@ -167,8 +178,11 @@ class Backbone:
     default_fps: Optional[int] = None
     #: (height, width) ``twinflow generate`` renders when not told
     default_size: Tuple[int, int] = (1024, 1024)
-    #: pipeline arguments needed to render exactly height × width
+    #: pipeline arguments needed to render exactly height × width (``exact_size_kwargs``)
     exact_size: Tuple[Tuple[str, object], ...] = ()
+    #: an editing family: its cond list ends with the reference latents [B, C, h', w'] (``call``),
+    #: ``encode_text`` takes ``references=``, and the training data must hold reference images
+    edit: bool = False
     #: names of the text tensors, in the order of the cond list the model call receives
     text_keys: Sequence[str] = ()
     #: the prompts whose embeddings are the unconditional branch (guidance-enhanced target)
@@ -195,6 +209,10 @@ class Backbone:
 
     def vae_class(self):
         return _diffusers_class(self.vae_class_name)
+
+    def check_environment(self) -> None:
+        """ImportError naming what is missing when this environment cannot build the family's
+        pipeline (checked before loading one)."""
 
     def load_pipeline(self, root, *, transformer: nn.Module, scheduler, **load_kw):
         """The pipeline of folder `root` around an already loaded `transformer`."""
@@ -252,21 +270,35 @@ class Backbone:
         self.check(transformer)
         return uninstall(transformer, embed_name=self.embed_name, aux_name=self.aux_name)
 
+    # ------------------------------------------------------------------ pipeline call arguments
+
+    def exact_size_kwargs(self, height: int, width: int) -> Dict[str, object]:
+        """The pipeline arguments that make it render exactly height × width."""
+        return dict(self.exact_size)
+
+    def reference_arg(self, pipe, image, prompts: int):
+        """The pipeline's ``image`` argument when each of `prompts` prompts edits `image` (a PIL
+        image) in one call of `pipe`; editing families only."""
+        raise ValueError(f"{self.name} does not edit an input image (its pipeline takes no reference image)")
+
     # ------------------------------------------------------------------ training glue
 
     def call(self, transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: List[torch.Tensor]
              ) -> torch.Tensor:
         """The velocity z − x of latents x [B, C, h, w] (video families: [B, C, F, h, w]) at signed
-        TwinFlow time t [B] (tt is already wired with ``set_target_time``)."""
+        TwinFlow time t [B] (tt is already wired with ``set_target_time``). `cond`: the text
+        tensors in ``text_keys`` order, then (editing families) the reference latents [B, C, h', w']."""
         raise NotImplementedError
 
     def encode_text(self, pipe, texts: List[str], device) -> Dict[str, torch.Tensor]:
-        """{name in text_keys: batch-first tensor} as the pipeline encodes `texts`."""
+        """{name in text_keys: batch-first tensor} as the pipeline encodes `texts` (editing
+        families also take ``references=``: one reference image per text)."""
         raise NotImplementedError
 
     def encode_latents(self, vae, pixels: torch.Tensor, generator) -> torch.Tensor:
-        """Latents as the stock pipelines use them (AutoencoderKL with shift/scaling factors)."""
-        lat = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator)
+        """Latents as the stock pipelines use them (AutoencoderKL with shift/scaling factors);
+        `generator` None: the posterior mode (a reference image, as the edit pipelines encode it)."""
+        lat = posterior(vae.encode(pixels.to(vae.dtype)).latent_dist, generator)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (lat.float() - shift) * vae.config.scaling_factor
 

@@ -53,15 +53,25 @@ class Flux(Backbone):
         return TimestepPath.copy_of(embed)
 
     def call(self, transformer, x, t, cond):
-        # FluxPipeline._pack_latents / _prepare_latent_image_ids / _unpack_latents
-        b = x.shape[0]
-        txt_ids = torch.zeros(cond[0].shape[1], 3, device=x.device, dtype=x.dtype)
+        return self._velocity(transformer, x, t, cond[0], cond[1])
+
+    @staticmethod
+    def _velocity(transformer, x, t, embeds, pooled, reference=None):
+        """FluxPipeline._pack_latents / _prepare_latent_image_ids / _unpack_latents; FLUX Kontext
+        appends the reference's tokens, their ids' first axis 1 (FluxKontextPipeline.prepare_latents),
+        and keeps the output's first tokens, those of x."""
+        b, c, h, w = x.shape
+        tokens, ids = pack_2x2(x), [ids_2x2(x.shape, x.device, x.dtype)]
+        if reference is not None:
+            tokens = torch.cat([tokens, pack_2x2(reference.to(x.dtype))], dim=1)
+            ids.append(ids_2x2(reference.shape, x.device, x.dtype, index=1.0))
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
         guidance = (torch.full((b,), TRAIN_GUIDANCE, device=x.device, dtype=x.dtype)
                     if transformer.config.guidance_embeds else None)
-        out = transformer(hidden_states=pack_2x2(x), encoder_hidden_states=cond[0], pooled_projections=cond[1],
-                          timestep=t, guidance=guidance, img_ids=ids_2x2(x.shape, x.device, x.dtype), txt_ids=txt_ids,
+        out = transformer(hidden_states=tokens, encoder_hidden_states=embeds, pooled_projections=pooled,
+                          timestep=t, guidance=guidance, img_ids=torch.cat(ids), txt_ids=txt_ids,
                           return_dict=False)[0]
-        return unpack_2x2(out, x.shape)
+        return unpack_2x2(out[:, : (h // 2) * (w // 2)], x.shape)
 
     def encode_text(self, pipe, texts, device):
         pe, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=device)

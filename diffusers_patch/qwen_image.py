@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backbone import Backbone, TimestepPath, ones_mask, pack_2x2, unpack_2x2
+from ._backbone import Backbone, TimestepPath, ones_mask, pack_2x2, posterior, unpack_2x2
 from ._common import TT_ATTR, lora_label, target_time
 
 AUX_PREFIX = "time_text_embed_2."
@@ -77,11 +77,21 @@ class QwenImage(Backbone):
         return QwenAuxTimeEmbed.copy_of(embed)
 
     def call(self, transformer, x, t, cond):
-        # QwenImagePipeline._pack_latents / _unpack_latents: 2×2 patches become tokens.
+        return self._velocity(transformer, x, t, cond[0], cond[1])
+
+    @staticmethod
+    def _velocity(transformer, x, t, embeds, mask, reference=None):
+        """QwenImagePipeline._pack_latents / _unpack_latents: 2×2 patches become tokens; an edit
+        pipeline appends the reference's tokens (its img_shapes entry second) and keeps the
+        output's first tokens, those of x."""
         b, c, h, w = x.shape
-        out = transformer(hidden_states=pack_2x2(x), encoder_hidden_states=cond[0], encoder_hidden_states_mask=cond[1],
-                          timestep=t, img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
-        return unpack_2x2(out, x.shape)
+        tokens, shapes = pack_2x2(x), [(1, h // 2, w // 2)]
+        if reference is not None:
+            tokens = torch.cat([tokens, pack_2x2(reference.to(x.dtype))], dim=1)
+            shapes.append((1, reference.shape[-2] // 2, reference.shape[-1] // 2))
+        out = transformer(hidden_states=tokens, encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
+                          timestep=t, img_shapes=[shapes] * b, return_dict=False)[0]
+        return unpack_2x2(out[:, : (h // 2) * (w // 2)], x.shape)
 
     def encode_text(self, pipe, texts, device):
         pe, mask = pipe.encode_prompt(prompt=texts, device=device)
@@ -95,7 +105,7 @@ class QwenImage(Backbone):
         return mean, std
 
     def encode_latents(self, vae, pixels, generator):
-        lat = vae.encode(pixels[:, :, None].to(vae.dtype)).latent_dist.sample(generator).float()
+        lat = posterior(vae.encode(pixels[:, :, None].to(vae.dtype)).latent_dist, generator).float()
         mean, std = self._stats(vae, lat)
         return ((lat - mean) / std)[:, :, 0]
 

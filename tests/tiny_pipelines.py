@@ -11,7 +11,11 @@ folder once per test session and returns the folder:
   ``diffusion_pytorch_model.safetensors.index.json``.
 
 ``strict_warnings()`` turns every warning into an error but diffusers' own deprecations listed
-in ``FOREIGN_WARNINGS``. ``TEST_SIZE`` is an image size every tiny pipeline accepts. ``one_thread`` is a module-scoped
+in ``FOREIGN_WARNINGS``. ``TEST_SIZE`` is an image size every tiny pipeline accepts. Editing
+families take a reference image (``reference_image``, ``edit_kwargs``); ``PIPELINES`` are the
+families the generic pipeline suites generate with (``SLOW_PIPELINES`` left out),
+``TRANSFORMER_FAMILIES`` those the transformer-level suites (GGUF, quantization, offloading)
+need (``VARIANTS`` left out). ``one_thread`` is a module-scoped
 autouse fixture (import it into a test module): ``tiny_threads()`` torch threads (1 unless
 ``$TWINFLOW_TEST_THREADS`` says otherwise) while the module runs.
 """
@@ -39,6 +43,79 @@ from twinflow.tiny import (BACKBONES, BUILDERS, TEST_SIZE, TRANSFORMERS, _qwen_t
 
 _ROOT = None
 _CACHE: Dict[Tuple[str, str], pathlib.Path] = {}
+
+#: Qwen-Image-Edit's pipelines VAE-encode every reference at about 1 MP (the size is fixed inside
+#: diffusers: ≈ 3 s per image on the tiny model, CPU conv3d) and need torchvision (their
+#: Qwen2VLProcessor): the generic pipeline suites leave them out, tests/pipelines/test_edit_pipelines.py
+#: takes them through loading, generation, save → load, the CLI and a training step.
+SLOW_PIPELINES = ("qwen-image-edit", "qwen-image-edit-plus")
+PIPELINES = tuple(m for m in BACKBONES if m not in SLOW_PIPELINES)
+#: families whose transformer class and other components another family already takes through the
+#: transformer-level suites (GGUF export, quantized and offloaded loading): only the pipeline
+#: class differs (FLUX Kontext's is FLUX's transformer, text encoders and VAE class)
+VARIANTS = {"flux-kontext": "flux", "qwen-image-edit": "qwen-image", "qwen-image-edit-plus": "qwen-image"}
+TRANSFORMER_FAMILIES = tuple(m for m in BACKBONES if m not in VARIANTS)
+
+
+def needs_pipeline(model: str) -> None:
+    """Skip the calling test when this environment cannot build `model`'s pipeline (its
+    ``check_environment``: Qwen-Image-Edit's processor needs torchvision)."""
+    from twinflow import diffusers_patch
+
+    try:
+        diffusers_patch.backbone(model).check_environment()
+    except ImportError as e:
+        pytest.skip(str(e))
+
+
+def family_inputs(model: str, transformer, batch: int, seed: int = 4):
+    """Random inputs of the trainer's model call on a family's tiny transformer, built from its
+    config: latents x [B, C, 8, 8] (C: the packed families' channels / 4; a video family's
+    [B, C, 2, 8, 8], 2 latent frames) and the cond list — the text tensors (a sequence of 5, then
+    pooled text or a mask when the family has two), then for an editing family reference
+    latents [B, C, 4, 6] (another shape than x: its own token grid)."""
+    from twinflow.diffusers_patch import backbone
+
+    bb = backbone(model)
+    cfg, g = transformer.config, torch.Generator().manual_seed(seed)
+    packed = type(transformer).__name__ in ("QwenImageTransformer2DModel", "FluxTransformer2DModel",
+                                            "ChromaTransformer2DModel")  # 2×2-packed tokens inside the call
+    channels = cfg.in_channels // 4 if packed else cfg.in_channels
+    width = next(cfg[k] for k in ("joint_attention_dim", "caption_channels", "cap_feat_dim", "text_dim") if k in cfg)
+    x = torch.randn(batch, channels, *((2,) if bb.video else ()), 8, 8, generator=g)
+    cond = [torch.randn(batch, 5, width, generator=g)]
+    if len(bb.text_keys) > 1:
+        if "pooled_projection_dim" in cfg and cfg.get("pooled_projection_dim"):
+            cond.append(torch.randn(batch, cfg.pooled_projection_dim, generator=g))
+        else:
+            cond.append(torch.ones(batch, 5, dtype=torch.long))
+    if bb.edit:
+        cond.append(torch.randn(batch, channels, 4, 6, generator=g))
+    return x, cond
+
+
+def reference_image(size: int = TEST_SIZE, seed: int = 0):
+    """A seeded random RGB image: the reference image of the editing families' tests."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8"))
+
+
+def edit_kwargs(model: str, image=None) -> dict:
+    """The pipeline arguments of an editing family's reference for one prompt (``image`` and FLUX
+    Kontext's ``_auto_resize=False``: the tiny reference is used at its own size, not at 1 MP);
+    {} for other families."""
+    from twinflow.diffusers_patch import backbone
+
+    bb = backbone(model)
+    if not bb.edit:
+        return {}
+    kw = {"image": reference_image() if image is None else image}
+    if model == "flux-kontext":
+        kw["_auto_resize"] = False
+    return kw
 
 
 #: warnings of other libraries that no twinflow code can avoid: diffusers 0.42's
@@ -109,6 +186,7 @@ def saved_pipeline(model: str, layout: str = "stock") -> pathlib.Path:
     if layout not in ("stock", "aux", "sharded"):
         raise ValueError(f"layout: unknown {layout!r}")
     path = _root() / f"{model}-{layout}"
+    needs_pipeline(model)
     if layout == "stock":
         build(model).save_pretrained(path)
     else:
@@ -131,7 +209,8 @@ def generate_images(pipe, model: str, steps: int = 2) -> torch.Tensor:
     every load-path test compares them."""
     from twinflow.diffusers_patch import backbone
 
-    extra = {backbone(model).cfg_kwarg: 1.0, **dict(backbone(model).exact_size)}
+    extra = {backbone(model).cfg_kwarg: 1.0, **backbone(model).exact_size_kwargs(TEST_SIZE, TEST_SIZE),
+             **edit_kwargs(model)}
     if model == "sana":
         extra["complex_human_instruction"] = None
     pipe.set_progress_bar_config(disable=True)

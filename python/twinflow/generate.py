@@ -76,10 +76,13 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="with a GGUF --transformer that lacks the aux target-time embedder: a safetensors file or "
                         "transformer folder holding it")
     p.add_argument("--image", type=pathlib.Path, default=None, metavar="FILE",
-                   help="image-to-image: a local input image (resized to --height × --width); the family's "
-                        "Img2Img pipeline is used (diffusers' AutoPipelineForImage2Image mapping)")
+                   help="a local input image. Editing families (qwen-image-edit, qwen-image-edit-plus, "
+                        "flux-kontext): the reference image every prompt edits (required; the pipeline resizes it "
+                        "itself). Other families: image-to-image, the image resized to --height × --width and the "
+                        "family's Img2Img pipeline (diffusers' AutoPipelineForImage2Image mapping)")
     p.add_argument("--strength", type=float, default=None,
-                   help="with --image: how much of the TwinFlow steps to run, in (0, 1] (default 0.6)")
+                   help="image-to-image (not editing) with --image: how much of the TwinFlow steps to run, in "
+                        "(0, 1] (default 0.6)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                    help="weight quantization of the transformer and text encoders (the time embedders stay "
                         "unquantized): int8 / fp8 = torchao weight-only (CPU or GPU), nf4 / bnb-int8 = "
@@ -143,11 +146,8 @@ def _strength(args: argparse.Namespace):
     return strength
 
 
-def _image_args(args: argparse.Namespace, height: int, width: int) -> dict:
-    """{"image": PIL image, "strength": s} for --image (a local file only), else {}."""
-    strength = _strength(args)
-    if args.image is None:
-        return {}
+def _read_image(args: argparse.Namespace, size=None):
+    """--image as an RGB PIL image (a local file only), resized to `size` (w, h) if given."""
     from PIL import Image, UnidentifiedImageError
 
     from . import _files
@@ -155,10 +155,39 @@ def _image_args(args: argparse.Namespace, height: int, width: int) -> dict:
     try:
         _files.regular_file(args.image)
         with Image.open(args.image) as im:
-            image = im.convert("RGB").resize((width, height))
+            image = im.convert("RGB")
+            return image.resize(size) if size is not None else image.copy()
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise ValueError(f"--image: cannot read {args.image} as an image ({e})") from e
-    return {"image": image, "strength": strength}
+
+
+def _image_args(args: argparse.Namespace, height: int, width: int) -> dict:
+    """{"image": PIL image, "strength": s} for --image (a local file only), else {}."""
+    strength = _strength(args)
+    if args.image is None:
+        return {}
+    return {"image": _read_image(args, (width, height)), "strength": strength}
+
+
+def _reference_args(args: argparse.Namespace, family) -> dict:
+    """{"reference": PIL image} for an editing family: --image is the image every prompt edits."""
+    if args.image is None:
+        raise ValueError(f"--image: {family.name} edits an input image; give the reference image with --image FILE")
+    if args.strength is not None:
+        raise ValueError(f"--strength: applies to image-to-image; {family.name} edits --image (it is the reference, "
+                         "not a starting point)")
+    return {"reference": _read_image(args)}
+
+
+def _model_name(args: argparse.Namespace):
+    """--model, or the backbone the folder records; None when neither says."""
+    from .pipelines import resolve_model_path
+    from .saved_format import read_folder_record
+
+    if args.model is not None:
+        return args.model
+    record = read_folder_record(resolve_model_path(args.model_path, subfolder=args.subfolder, revision=args.revision))
+    return record["backbone"] if record else None
 
 
 def _mp4_writer() -> bool:
@@ -218,14 +247,8 @@ def _img2img_class(args: argparse.Namespace) -> str:
     from diffusers.pipelines.auto_pipeline import AUTO_IMAGE2IMAGE_PIPELINES_MAPPING, _get_task_class
 
     from . import diffusers_patch
-    from .pipelines import resolve_model_path
-    from .saved_format import read_folder_record
 
-    model = args.model
-    if model is None:
-        record = read_folder_record(resolve_model_path(args.model_path, subfolder=args.subfolder,
-                                                       revision=args.revision))
-        model = record["backbone"] if record else None
+    model = _model_name(args)
     if model is None:
         raise ValueError("--image: give --model (the folder records no backbone)")
     if diffusers_patch.backbone(model).video:
@@ -257,11 +280,11 @@ def _describe(path: str) -> str:
     return str(local.resolve()) if local.exists() else path
 
 
-def _extra_call_args(model: str, args: argparse.Namespace) -> dict:
+def _extra_call_args(model: str, args: argparse.Namespace, height: int, width: int) -> dict:
     from . import diffusers_patch
 
     bb = diffusers_patch.backbone(model)
-    kw = {bb.cfg_kwarg: args.guidance_scale, **dict(bb.exact_size)}
+    kw = {bb.cfg_kwarg: args.guidance_scale, **bb.exact_size_kwargs(height, width)}
     if args.guidance_scale > 1 and args.negative_prompt is not None:
         kw["negative_prompt"] = args.negative_prompt
     return kw
@@ -292,12 +315,21 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.steps > MAX_SAMPLING_STEPS:
         raise ValueError(f"--steps: must be at most {MAX_SAMPLING_STEPS}, got {args.steps}")
-    prompts = _prompts(args)
-    _strength(args)
-    if args.model is not None:  # refuse mismatched video / image options before loading anything
-        from . import diffusers_patch
+    from . import diffusers_patch
 
-        _video_settings(diffusers_patch.backbone(args.model), args)
+    prompts = _prompts(args)
+    try:
+        named = _model_name(args)
+    except (FileNotFoundError, ValueError):  # load_pipeline reports what is wrong with the folder
+        named = None
+    family = diffusers_patch.backbone(named) if named is not None else None
+    editing = family is not None and family.edit
+    # refuse mismatched options (image, strength, video) before loading anything
+    reference_kw = _reference_args(args, family) if editing else {}
+    if not editing:
+        _strength(args)
+    if family is not None:
+        _video_settings(family, args)
     device = resolve_device(args.device)
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and device.type == "cuda" and device.index is None:
@@ -308,7 +340,7 @@ def _generate(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model_path, args.model, dtype=dtype, device=device if args.offload == "none" else None,
                              mode=args.mode, transformer=args.transformer, subfolder=args.subfolder,
                              revision=args.revision, aux_weights=args.aux_weights,
-                             pipeline_class=_img2img_class(args) if args.image is not None else None,
+                             pipeline_class=_img2img_class(args) if args.image is not None and not editing else None,
                              quantization_config=None if args.quantize == "none" else args.quantize)
     except (FileNotFoundError, ImportError) as e:  # the registry reports ValueError as a one-line error
         raise ValueError(str(e)) from e
@@ -321,14 +353,12 @@ def _generate(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ValueError(f"--output-dir: cannot create {out_dir} ({e.strerror or e})") from e
     model = pipe.config["_twinflow"]["backbone"]  # --model, or what the folder records
-    from . import diffusers_patch
-
     bb = diffusers_patch.backbone(model)
     video = _video_settings(bb, args)
     height = args.height or bb.default_size[0]
     width = args.width or bb.default_size[1]
-    image_kw = _image_args(args, height, width)
-    extra = _extra_call_args(model, args)
+    image_kw = reference_kw if editing else _image_args(args, height, width)
+    extra = _extra_call_args(model, args, height, width)
     settings = {
         "command": "generate", "model": model,
         "model_path": _describe(args.model_path), "subfolder": args.subfolder, "revision": args.revision,
@@ -341,6 +371,7 @@ def _generate(args: argparse.Namespace) -> int:
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "quantize": args.quantize, "offload": args.offload,
         "input_image": None if args.image is None else str(args.image.resolve()),
+        "image_role": None if args.image is None else "reference" if editing else "img2img",
         "strength": image_kw.get("strength"),
         "twinflow_version": __version__, "torch_version": torch.__version__,
     }
@@ -358,6 +389,8 @@ def _generate(args: argparse.Namespace) -> int:
         # one generator per image, seeded --seed + k: an image is the same whatever the batch or process count
         generators = [torch.Generator("cpu").manual_seed(args.seed + k) for _ in batch for k in range(args.num_images)]
         call = {**extra, **image_kw}
+        if editing:  # the pipeline's image argument for this batch's prompts
+            call["image"] = bb.reference_arg(pipe, call.pop("reference"), len(batch))
         if "negative_prompt" in call:  # one per prompt of the batch
             call["negative_prompt"] = [call["negative_prompt"]] * len(batch)
         if video:  # diffusers' video pipelines: num_frames, num_videos_per_prompt, .frames [N, F, H, W, 3]

@@ -459,7 +459,9 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
         path: a local diffusers pipeline folder, or a Hugging Face Hub repo id ("org/repo",
             resolved through huggingface_hub's cache; HF_HUB_OFFLINE=1 reads the cache only).
         model: a registered backbone (``diffusers_patch.BACKBONES``): "qwen-image", "z-image", "sd3",
-            "sana", "openuni", "flux", "chroma" or "lumina2".
+            "sana", "openuni", "flux", "chroma", "lumina2" or "wan", or an editing family:
+            "qwen-image-edit", "qwen-image-edit-plus", "flux-kontext" (their pipelines take the
+            reference image as ``image=``).
             Optional for what twinflow saved (``save_pretrained`` of a pipeline loaded here,
             ``twinflow train``'s export, a LoRA given as `lora`): that records it
             (``twinflow.saved_format``); an explicit value that contradicts it is a ValueError.
@@ -493,7 +495,9 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
         pipeline_class: another diffusers pipeline class of the same family (a class or its
             name), e.g. ``"FluxImg2ImgPipeline"`` or ``"StableDiffusion3Img2ImgPipeline"``: the
             image-to-image / inpainting variants take ``strength`` (the TwinFlow scheduler
-            honours ``set_begin_index`` and ``scale_noise``). The transformer is wired to that
+            honours ``set_begin_index`` and ``scale_noise``). Another registered family's pipeline
+            (``FluxKontextPipeline`` for "flux", ``QwenImageEditPlusPipeline`` for
+            "qwen-image-edit") is refused: load with that family. The transformer is wired to that
             pipeline (``AutoPipelineForImage2Image.from_pipe(pipe)`` also works while ``pipe``
             is alive: the transformer reads the target time through it).
         aux_weights: for a GGUF `transformer` whose file lacks the aux target-time embedder:
@@ -571,7 +575,10 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
     model, mode, recorded = _resolve_model_mode(model, mode, records)
     bb = diffusers_patch.backbone(model)
     model = bb.name
+    bb.check_environment()
     pipe_cls = _pipeline_class(bb, pipeline_class)
+    if not recorded and transformer is None and (root / "model_index.json").is_file():
+        check_family_of_folder(root, bb, index)
     if tfolder is not None:
         check_transformer_folder(tfolder, model)
     overrides = component_overrides(bb, root, parts, index)
@@ -619,6 +626,25 @@ def load_pipeline(path: Union[str, os.PathLike], model: Optional[str] = None, *,
     return _finish(bb, pipe, mode, aux, source, dev, recorded=recorded, lora_file=lora_file)
 
 
+def _family_of_pipeline(class_name) -> Optional[str]:
+    """The registered family whose pipeline class is `class_name`, or None."""
+    return next((n for n, b in diffusers_patch.backbones().items() if b.pipeline_class_name == class_name), None)
+
+
+def check_family_of_folder(root: pathlib.Path, bb, index: Optional[dict] = None) -> None:
+    """A stock pipeline folder whose model_index.json names another family's pipeline holds that
+    family's transformer — the same class for FLUX and FLUX Kontext, Qwen-Image and its edit
+    models, but another model: ValueError naming both (unless `bb`'s pipeline derives from it).
+    A family of another transformer class is refused by ``check_transformer_folder``."""
+    found = (index if index is not None else _read_json(root / "model_index.json")).get("_class_name")
+    owner = _family_of_pipeline(found)
+    other = diffusers_patch.backbone(owner) if owner is not None and owner != bb.name else None
+    if (other is not None and other.transformer_class_name == bb.transformer_class_name
+            and not issubclass(bb.pipeline_class(), other.pipeline_class())):
+        raise ValueError(f"{root}: a {found} folder (the {owner} family), but model={bb.name!r} needs a "
+                         f"{bb.pipeline_class_name} checkpoint: load it with model={owner!r}")
+
+
 def _pipeline_class(bb, pipeline_class):
     """None (the family's own pipeline), or a diffusers pipeline class of the family's transformer."""
     if pipeline_class is None:
@@ -630,6 +656,10 @@ def _pipeline_class(bb, pipeline_class):
         raise ValueError(f"pipeline_class: expected a diffusers pipeline class or its name, got {pipeline_class!r}")
     if hasattr(bb, "load_from_parts") or type(bb).load_pipeline is not diffusers_patch.Backbone.load_pipeline:
         raise ValueError(f"pipeline_class: {bb.name} loads its own pipeline class; another is not supported")
+    owner = _family_of_pipeline(cls.__name__)
+    if owner is not None and owner != bb.name:  # its own family: its text encoding and training glue differ
+        raise ValueError(f"pipeline_class: {cls.__name__} is the {owner} family's pipeline, not a {bb.label} "
+                         f"variant: load with model={owner!r}")
     hint = inspect.signature(cls.__init__).parameters.get("transformer")
     want = bb.transformer_class()
     annotation = inspect.Parameter.empty if hint is None else hint.annotation

@@ -1,4 +1,5 @@
-"""Tiny random-weight diffusers pipelines (Qwen-Image, Z-Image, SD3, Sana, FLUX.1, Chroma, Lumina-2, Wan): a smoke test of
+"""Tiny random-weight diffusers pipelines (Qwen-Image, Z-Image, SD3, Sana, FLUX.1, Chroma, Lumina-2,
+Wan and the editing families Qwen-Image-Edit, Qwen-Image-Edit-Plus, FLUX.1 Kontext): a smoke test of
 ``twinflow train`` / ``load_pipeline`` / ``twinflow generate`` on a CPU in seconds, and the
 models the test suite runs everything on.
 
@@ -7,8 +8,8 @@ models the test suite runs everything on.
 Sizes follow diffusers' own fast tests: 1-2 layer transformers, tiny VAEs and text encoders
 built from configs, weights seeded (``torch.manual_seed(0)``), so the same call gives the same
 pipeline. The tokenizers are built offline (a byte-level BPE with no merges, one token per
-byte), so nothing touches the network. The images such a pipeline makes are noise: it checks
-that a path runs, not what it learns.
+byte; Qwen2.5-VL's processor adds a tiny image processor), so nothing touches the network. The
+images such a pipeline makes are noise: it checks that a path runs, not what it learns.
 
 Example:
     >>> from twinflow.tiny import build
@@ -25,7 +26,8 @@ __all__ = ["BACKBONES", "TEST_SIZE", "VIDEO_BACKBONES", "WAN_VARIANTS", "build",
            "tiny_dc_ae"]
 
 #: the image backbones a tiny pipeline is built for (the backbone-parametrised suites run on each)
-BACKBONES = ("qwen-image", "z-image", "sd3", "sana", "flux", "chroma", "lumina2")
+BACKBONES = ("qwen-image", "z-image", "sd3", "sana", "flux", "chroma", "lumina2", "qwen-image-edit",
+             "qwen-image-edit-plus", "flux-kontext")
 #: the video backbones a tiny pipeline is built for (the family contract runs on them too;
 #: tests/families/test_video.py runs their pipeline paths)
 VIDEO_BACKBONES = ("wan",)
@@ -41,10 +43,14 @@ def _byte_alphabet():
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
-def _qwen_tokenizer(chat_template: bool = False):
+#: Qwen2.5-VL's vision tokens, after the byte alphabet and the chat tokens (ids 259-262)
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def _qwen_tokenizer(chat_template: bool = False, vision: bool = False):
     from transformers import Qwen2Tokenizer
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (list(VISION_TOKENS) if vision else [])
     vocab = {c: i for i, c in enumerate(_byte_alphabet())}
     for s in specials:
         vocab[s] = len(vocab)
@@ -160,9 +166,20 @@ def _lumina2_transformer():
         num_attention_heads=2, num_kv_heads=2, multiple_of=16, axes_dim_rope=(8, 4, 4), cap_feat_dim=8)
 
 
+def _qwen_image_edit_transformer():
+    from diffusers import QwenImageTransformer2DModel
+
+    # zero_cond_t: Qwen-Image-Edit-2511's layout (the reference tokens modulated by the embedding at 0)
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4), zero_cond_t=True)
+
+
 TRANSFORMERS = {"qwen-image": _qwen_image_transformer, "z-image": _z_image_transformer, "sd3": _sd3_transformer,
                 "sana": _sana_transformer, "flux": _flux_transformer, "chroma": _chroma_transformer,
-                "lumina2": _lumina2_transformer, "wan": _wan_transformer}
+                "lumina2": _lumina2_transformer, "wan": _wan_transformer,
+                "qwen-image-edit": _qwen_image_edit_transformer, "qwen-image-edit-plus": _qwen_image_edit_transformer,
+                "flux-kontext": _flux_transformer}
 
 
 def build_transformer(model: str):
@@ -173,24 +190,67 @@ def build_transformer(model: str):
 
 # ----------------------------------------------------------------------------- pipelines
 
-def build_qwen_image():
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+def _qwen_vl(**token_ids):
+    """A tiny Qwen2.5-VL (diffusers' fast-test sizes); `token_ids` its vision token ids."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(0)
-    transformer = _qwen_image_transformer()
-    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     config = Qwen2_5_VLConfig(
         text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=2, vocab_size=320, rope_theta=1000000.0,
                          rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"}),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
-        hidden_size=16, vocab_size=320, vision_end_token_id=301, vision_start_token_id=300, vision_token_id=302,
-        image_token_id=303, video_token_id=304)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+        hidden_size=16, vocab_size=320, **token_ids)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def build_qwen_image():
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    torch.manual_seed(0)
+    transformer = _qwen_image_transformer()
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    text_encoder = _qwen_vl(vision_end_token_id=301, vision_start_token_id=300, vision_token_id=302,
+                            image_token_id=303, video_token_id=304)
     return QwenImagePipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
                              text_encoder=text_encoder, tokenizer=_qwen_tokenizer())
+
+
+def _qwen_processor(tokenizer):
+    """Qwen2.5-VL's processor around `tokenizer`, its image processor at most 112² pixels (4 × 4
+    merged vision tokens): the pipelines hand it a reference of about 1 MP."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    small = dict(min_pixels=56 * 56, max_pixels=112 * 112)
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**small), tokenizer=tokenizer,
+                            video_processor=Qwen2VLVideoProcessor(**small))
+
+
+def build_qwen_image_edit(plus: bool = False):
+    """QwenImageEditPipeline (Edit-Plus: ``plus=True``). The VAE downsamples ×8 as the real one
+    does (base width 4): the pipeline encodes every reference at about 1 MP."""
+    from twinflow import diffusers_patch
+
+    family = diffusers_patch.backbone("qwen-image-edit-plus" if plus else "qwen-image-edit")
+    family.check_environment()
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = _qwen_image_edit_transformer()
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4)
+    tokenizer = _qwen_tokenizer(vision=True)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    text_encoder = _qwen_vl(vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                            vision_token_id=ids["<|image_pad|>"], image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"])
+    return family.pipeline_class()(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                   text_encoder=text_encoder, tokenizer=tokenizer, processor=_qwen_processor(tokenizer))
+
+
+def build_qwen_image_edit_plus():
+    return build_qwen_image_edit(plus=True)
 
 
 def build_z_image():
@@ -300,6 +360,20 @@ def build_lumina2():
                            text_encoder=_tiny_gemma2(num_hidden_layers=2), tokenizer=_gemma_tokenizer())
 
 
+def build_flux_kontext():
+    """FluxKontextPipeline: FLUX's tiny transformer and text encoders, a VAE downsampling ×8 (the
+    pipeline resizes a reference to about 1 MP unless told ``_auto_resize=False``)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+
+    flux = build_flux()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4, 4, 4),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    return FluxKontextPipeline(**{**flux.components, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler()})
+
+
 def tiny_dc_ae():
     """A tiny AutoencoderDC (4 latent channels, ×2 downsampling), also OpenUni's (tests/tiny_openuni.py)."""
     from diffusers import AutoencoderDC
@@ -355,7 +429,9 @@ def build_wan(variant: str = "2.1"):
 
 
 BUILDERS = {"qwen-image": build_qwen_image, "z-image": build_z_image, "sd3": build_sd3, "sana": build_sana,
-            "flux": build_flux, "chroma": build_chroma, "lumina2": build_lumina2, "wan": build_wan}
+            "flux": build_flux, "chroma": build_chroma, "lumina2": build_lumina2, "wan": build_wan,
+            "qwen-image-edit": build_qwen_image_edit, "qwen-image-edit-plus": build_qwen_image_edit_plus,
+            "flux-kontext": build_flux_kontext}
 
 
 def build(model: str):

@@ -20,7 +20,9 @@ load_pipeline round trip (test_load_pipeline), a training step in each mode
 TwinFlowScheduler (test_load_pipeline, test_generate_cli).
 
 Each family's formula itself (against a float64 transcription, or the published wrapper) is
-checked in its own module test (tests/families/test_patch_*.py, tests/families/test_published_fidelity.py).
+checked in its own module test (tests/families/test_patch_*.py, tests/families/test_published_fidelity.py). An
+editing family's model call gets reference latents too (another token grid than x): with
+Qwen-Image-Edit's ``zero_cond_t`` the reference half of the time embedding is in every check.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import copy
 import pytest
 import torch
 
-from tiny_pipelines import BACKBONES as IMAGE_BACKBONES, build_transformer, one_thread, saved_pipeline  # noqa: F401
+from tiny_pipelines import BACKBONES as IMAGE_BACKBONES, build_transformer, family_inputs, one_thread, saved_pipeline  # noqa: F401
 from twinflow.tiny import VIDEO_BACKBONES
 from twinflow import diffusers_patch, load_pipeline
 from twinflow.training.models import TwinFlowModel
@@ -43,22 +45,10 @@ TT = torch.tensor([0.0, 0.25, 0.375, 0.0625])
 
 
 def _inputs(model, transformer):
-    """Latents [B, C, 8, 8] ([B, C, 2, 8, 8]: 2 latent frames of a video family) and a cond list
-    of the family's text tensors, built from its config."""
-    cfg, g = transformer.config, torch.Generator().manual_seed(4)
-    packed = model in ("qwen-image", "flux", "chroma")  # 2×2-packed tokens inside the call
-    channels = cfg.in_channels // 4 if packed else cfg.in_channels
-    width = next(cfg[k] for k in ("joint_attention_dim", "caption_channels", "cap_feat_dim", "text_dim") if k in cfg)
-    frames = (2,) if diffusers_patch.backbone(model).video else ()
-    x = torch.randn(B, channels, *frames, 8, 8, generator=g)
-    cond = [torch.randn(B, 5, width, generator=g)]
-    if len(diffusers_patch.backbone(model).text_keys) == 1:
-        return x, cond
-    if "pooled_projection_dim" in cfg and cfg.get("pooled_projection_dim"):
-        cond.append(torch.randn(B, cfg.pooled_projection_dim, generator=g))
-    else:
-        cond.append(torch.ones(B, 5, dtype=torch.long))
-    return x, cond
+    """Latents [B, C, 8, 8] ([B, C, 2, 8, 8] for a video family) and the cond list (text tensors;
+    an editing family's reference latents last), built from the family's config
+    (tiny_pipelines.family_inputs)."""
+    return family_inputs(model, transformer, B)
 
 
 def _perturb(module, prefix):
@@ -132,6 +122,8 @@ def test_keys_added_and_unpatch_restores_the_stock_model(model):
 def test_a_checkpoint_of_another_family_is_refused_naming_both(model):
     other = BACKBONES[(BACKBONES.index(model) + 1) % len(BACKBONES)]
     want = {m: diffusers_patch.backbone(m).transformer_class_name for m in (model, other)}
+    if want[model] == want[other]:  # variants sharing a transformer class: told apart by their pipelines
+        want = {m: diffusers_patch.backbone(m).pipeline_class_name for m in (model, other)}
     with pytest.raises(ValueError) as err:
         load_pipeline(saved_pipeline(model, "stock"), other)
     assert want[model] in str(err.value) and want[other] in str(err.value), str(err.value)

@@ -25,7 +25,7 @@ import torch
 from checks import expect_error  # noqa: E402
 from tiny_openuni import (build_openuni, published_state_dict, pth_components,  # noqa: E402
                           saved_openuni)
-from tiny_pipelines import TEST_SIZE, one_thread  # noqa: E402,F401
+from tiny_pipelines import TEST_SIZE, one_thread, saved_pipeline  # noqa: E402,F401
 
 from twinflow import diffusers_patch  # noqa: E402
 import twinflow  # noqa: E402
@@ -155,7 +155,10 @@ def test_published_pth_errors(tmp_path):
                  contains=("text_encoder", "tokenizer", "vae", "transformer_config"))
     expect_error(FileNotFoundError, lambda: twinflow.load_pipeline(tmp_path, model="openuni"),
                  contains="model_index.json")
-    expect_error(ValueError, lambda: twinflow.load_pipeline(saved_openuni("stock"), model="sana", text_encoder="x"),
+    expect_error(ValueError, lambda: twinflow.load_pipeline(saved_openuni("stock"), model="sana"),
+                 contains=("OpenUniPipeline folder (the openuni family)", "load it with model='openuni'"))
+    expect_error(ValueError, lambda: twinflow.load_pipeline(saved_pipeline("sana", "stock"), model="sana",
+                                                            text_encoder="x"),
                  contains=("text_encoder", "a loaded component", "or None, got the path 'x'"))
     expect_error(ValueError, lambda: twinflow.load_pipeline(saved_openuni("stock"), model="openuni",
                                                             transformer_config={}),

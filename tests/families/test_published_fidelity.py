@@ -22,12 +22,13 @@ import torch
 
 
 from twinflow import diffusers_patch  # noqa: E402
-from tiny_pipelines import BACKBONES, build_transformer, one_thread  # noqa: E402,F401
+from tiny_pipelines import BACKBONES, VARIANTS, build_transformer, family_inputs, one_thread  # noqa: E402,F401
 from twinflow.training.models import TwinFlowModel  # noqa: E402
 
 #: the backbones with a published TwinFlow wrapper (FLUX, Chroma and Lumina-2 have none: their
-#: tests/families/test_patch_<name>.py check their formulas)
-PUBLISHED = tuple(m for m in BACKBONES if m not in ("flux", "chroma", "lumina2"))
+#: tests/families/test_patch_<name>.py check their formulas; the editing variants share their base
+#: family's embedder and hook, checked here on it, and their reference half in tests/families/test_patch_edit.py)
+PUBLISHED = tuple(m for m in BACKBONES if m not in ("flux", "chroma", "lumina2") and m not in VARIANTS)
 F64 = torch.float64
 B = 4
 # (t, tt) rows: the one-step jump (1, 0), few-step rows with tt = 0, tt between, and tt = t
@@ -144,18 +145,8 @@ def test_z_image_target_time_zero_is_the_noise_end():
 # ----------------------------------------------------------------------------- signed times
 
 def _inputs(model, transformer):
-    """Latents [B, C, 8, 8] and the cond list of the backbone's text_keys."""
-    cfg, g = transformer.config, torch.Generator().manual_seed(4)
-    packed = model in ("qwen-image", "flux", "chroma")
-    channels = cfg.in_channels // 4 if packed else cfg.in_channels
-    width = cfg[{"qwen-image": "joint_attention_dim", "sd3": "joint_attention_dim", "sana": "caption_channels",
-                 "z-image": "cap_feat_dim", "flux": "joint_attention_dim", "chroma": "joint_attention_dim",
-                 "lumina2": "cap_feat_dim"}[model]]
-    x = torch.randn(B, channels, 8, 8, generator=g)
-    cond = [torch.randn(B, 5, width, generator=g)]
-    cond.append(torch.randn(B, cfg.pooled_projection_dim, generator=g) if model in ("sd3", "flux")
-                else torch.ones(B, 5, dtype=torch.long))
-    return x, cond
+    """Latents [B, C, 8, 8] and the cond list of the backbone's text_keys (and reference latents)."""
+    return family_inputs(model, transformer, B)
 
 
 @pytest.mark.parametrize("mode", ["aux", "lora"])

@@ -40,26 +40,33 @@ def pixels(path):
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-@pytest.mark.parametrize("model", tiny_pipelines.BACKBONES)
+@pytest.mark.parametrize("model", tiny_pipelines.PIPELINES)
 def test_generate_writes_png_and_settings(model, tmp_path):
-    assert main(argv(model, tmp_path, "--prompt", "a cat dancing", "--steps", "1", "--seed", "3")) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000-00.json", "000-00.png"]
-    img = pixels(tmp_path / "000-00.png")
+    # an editing family (FLUX Kontext here) edits --image: its pipeline resizes the reference itself
+    ref = tmp_path / "ref.png"
+    tiny_pipelines.reference_image().save(ref)
+    image = ["--image", str(ref)] if backbone(model).edit else []
+    out = tmp_path / "out"
+    assert main(argv(model, out, "--prompt", "a cat dancing", "--steps", "1", "--seed", "3", *image)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000-00.json", "000-00.png"]
+    img = pixels(out / "000-00.png")
     assert img.shape == (SIZE, SIZE, 3)
-    rec = json.loads((tmp_path / "000-00.json").read_text())
+    rec = json.loads((out / "000-00.json").read_text())
     assert rec["model"] == model and rec["prompt"] == "a cat dancing" and rec["seed"] == 3 and rec["steps"] == 1
     assert rec["model_path"] == str(tiny_pipelines.saved_pipeline(model, "aux").resolve())
     assert rec["device"] == "cpu" and rec["dtype"] == "float32" and rec["twinflow_version"] == twinflow.__version__
     assert rec["scheduler"]["class"] == "TwinFlowPresetScheduler"
     assert rec["scheduler"]["stochast_ratio"] == 0.8 and rec["scheduler"]["rfba_gap_steps"] == [0.001, 0.7]
     assert rec["wall_time_s"] > 0 and rec["image"] == "000-00.png"
+    assert rec["image_role"] == ("reference" if image else None) and rec["strength"] is None
 
     # the same image as load_pipeline with the same seed
     pipe = twinflow.load_pipeline(tiny_pipelines.saved_pipeline(model, "aux"), model)
     pipe.set_progress_bar_config(disable=True)
+    edit = {"image": Image.open(ref).convert("RGB")} if image else {}
     want = pipe(prompt="a cat dancing", height=SIZE, width=SIZE, num_inference_steps=1, output_type="pil",
                 generator=torch.Generator().manual_seed(3), **{backbone(model).cfg_kwarg: 1.0},
-                **dict(backbone(model).exact_size)).images[0]
+                **backbone(model).exact_size_kwargs(SIZE, SIZE), **edit).images[0]
     assert np.array_equal(img, np.asarray(want))
 
 

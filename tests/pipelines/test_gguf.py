@@ -26,7 +26,7 @@ from twinflow.cli import main  # noqa: E402
 from twinflow.diffusers_patch import backbone  # noqa: E402
 
 SIZE = tiny_pipelines.TEST_SIZE
-MODELS = tiny_pipelines.BACKBONES
+MODELS = tiny_pipelines.TRANSFORMER_FAMILIES
 #: relative L2 image error vs the float32 safetensors checkpoint, 2 steps (measured on these
 #: models: BF16 ≤ 6e-3, Q8_0 ≤ 1.2e-2 and, on the wide model, Q4_K 3.2e-2); a broken path is O(1)
 REL_TOL = {"BF16": 0.02, "Q8_0": 0.03, "Q4_K": 0.15}

@@ -58,7 +58,7 @@ def wrapper_transformer_folder(model, dst: pathlib.Path) -> pathlib.Path:
 # ----------------------------------------------------------------------------- published layouts
 
 @pytest.mark.exact
-@pytest.mark.parametrize("model", tiny_pipelines.BACKBONES)
+@pytest.mark.parametrize("model", tiny_pipelines.PIPELINES)
 def test_wrapper_transformer_alone_with_a_base_pipeline(model, tmp_path, caplog):
     want = generate(quiet_load(tiny_pipelines.saved_pipeline(model, "aux"), model), model)
     tdir = wrapper_transformer_folder(model, tmp_path / "published-transformer")

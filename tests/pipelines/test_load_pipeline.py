@@ -40,7 +40,7 @@ from twinflow import (TwinFlowPresetScheduler, TwinFlowScheduler, UnifiedSampler
                       preset_for_steps, scheduler_for_steps)
 from twinflow.diffusers_patch import backbone  # noqa: E402
 
-ALL = tiny_pipelines.BACKBONES
+ALL = tiny_pipelines.PIPELINES
 SIZE = tiny_pipelines.TEST_SIZE
 
 
@@ -54,7 +54,8 @@ def load(model, layout="aux", **kw):
 
 def generate(pipe, model, steps, seed=0, **kw):
     """One image as a [1, 3, H, W] tensor, no classifier-free guidance (one transformer row)."""
-    extra = {backbone(model).cfg_kwarg: 1.0, **dict(backbone(model).exact_size)}
+    extra = {backbone(model).cfg_kwarg: 1.0, **backbone(model).exact_size_kwargs(SIZE, SIZE),
+             **tiny_pipelines.edit_kwargs(model)}
     if model == "sana":
         extra["complex_human_instruction"] = None  # a 2k-character preamble: slow and irrelevant here
     with torch.no_grad():

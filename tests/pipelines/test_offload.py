@@ -20,7 +20,7 @@ from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
 from twinflow import load_pipeline
 from twinflow.diffusers_patch import backbone
 
-MODELS = tiny_pipelines.BACKBONES
+MODELS = tiny_pipelines.TRANSFORMER_FAMILIES
 CPU = torch.device("cpu")
 #: disk group offload reads the weights back from safetensors files at arbitrary alignment,
 #: and the CPU kernels round an unaligned weight differently in the last bits (docs/decisions.md,

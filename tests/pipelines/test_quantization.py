@@ -21,7 +21,7 @@ from twinflow.diffusers_patch import backbone
 
 pytest.importorskip("torchao")
 
-MODELS = tiny_pipelines.BACKBONES
+MODELS = tiny_pipelines.TRANSFORMER_FAMILIES
 #: relative L2 error of a 2-step tiny-model image, quantized vs float32 (measured: int8
 #: up to 9e-3, float8 up to 7e-2 over the four backbones: e4m3 keeps 3 mantissa bits); a broken
 #: path is O(1)

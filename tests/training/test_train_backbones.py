@@ -59,8 +59,9 @@ def _pipeline_latents(pipe, model, noise):
     return noise
 
 
-# the image families (OpenUni: test_train_openuni.py; Wan, a video family: test_video.py)
-@pytest.mark.parametrize("model", sorted(IMAGE_BACKBONES))
+# the image families (OpenUni: test_train_openuni.py; Wan, a video family: test_video.py; the
+# editing families, a reference image too: test_edit_pipelines.py)
+@pytest.mark.parametrize("model", sorted(m for m in IMAGE_BACKBONES if not backbone(m).edit))
 def test_model_call_matches_stock_pipeline(model):
     family = backbone(model)
     pipe = build(model)

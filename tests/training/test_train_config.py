@@ -25,6 +25,8 @@ MODELS = {"sd35": "sd3", "qwen_image": "qwen-image", "z_image": "z-image", "sana
           "chroma": "chroma", "lumina2": "lumina2", "wan": "wan"}
 #: models with first-order configs only (a video family: no second-order recipe yet)
 FIRST_ORDER_ONLY = ("wan",)
+#: the editing families: 1st-order configs (the published edit training takes the Qwen-Image settings)
+EDIT = {"qwen_image_edit": "qwen-image-edit", "flux_kontext": "flux-kontext"}
 BASE = {"model": {"name": "sd3", "pretrained_model_name_or_path": "/x"}}
 
 
@@ -32,6 +34,7 @@ def test_one_config_per_model_kind_and_order():
     names = {p.stem for p in CONFIGS}
     want = {f"{m}_{k}_{o}order" for m in MODELS for k in ("full", "lora") for o in (1, 2)
             if o == 1 or m not in FIRST_ORDER_ONLY}
+    want |= {f"{m}_{k}_1order" for m in EDIT for k in ("full", "lora")}
     assert names == want
 
 
@@ -45,19 +48,31 @@ def test_qlora_configs_are_their_lora_config_with_a_quantized_base(path):
     assert (cfg.lora, cfg.twinflow, cfg.sampling) == (base.lora, base.twinflow, base.sampling)
 
 
+@pytest.mark.parametrize("key", sorted(EDIT))
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_editing_configs_are_their_base_familys(key, kind):
+    """An editing family trains as its base family does (the published Qwen-Image-Edit training
+    only renames the model): the same sections but model and data.reference_column."""
+    base = {"qwen_image_edit": "qwen_image", "flux_kontext": "flux"}[key]
+    cfg = load_config(CONFIGS[0].with_name(f"{key}_{kind}_1order.yaml"))
+    ref = load_config(CONFIGS[0].with_name(f"{base}_{kind}_1order.yaml"))
+    assert (cfg.lora, cfg.training, cfg.twinflow, cfg.sampling) == (ref.lora, ref.training, ref.twinflow, ref.sampling)
+    assert cfg.data.reference_column == "reference_bytes" and cfg.model.name == EDIT[key] != ref.model.name
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_published_settings(path):
     cfg = load_config(path)
     key, kind, order = path.stem.rsplit("_", 2)
-    assert cfg.model.name == MODELS[key]
+    assert cfg.model.name == {**MODELS, **EDIT}[key]
     lora = kind == "lora"
     tf, t = cfg.twinflow, cfg.training
     assert cfg.lora.enabled is lora
     assert tf.estimate_order == int(order[0])
-    # docs/algorithm.md §3.7, the published configs (Z-Image, FLUX, Chroma, Lumina-2 and Wan,
-    # unpublished: Qwen-Image's; Sana: OpenUni's)
+    # docs/algorithm.md §3.7, the published configs (Z-Image, FLUX, Chroma, Lumina-2, Wan and the
+    # editing families, unpublished: Qwen-Image's; Sana: OpenUni's)
     fam = {"z_image": "qwen_image", "flux": "qwen_image", "chroma": "qwen_image", "lumina2": "qwen_image",
-           "wan": "qwen_image"}.get(key, key)
+           "wan": "qwen_image", "qwen_image_edit": "qwen_image", "flux_kontext": "qwen_image"}.get(key, key)
     assert t.lr == (1e-4 if lora or fam == "sana" else 1e-5)
     assert t.adam_betas == ((0.9, 0.95) if fam == "sana" else (0.9, 0.99))
     assert (t.grad_clip, t.weight_decay, t.mixed_precision, t.lr_scheduler) == (1.0, 0.0, "bf16", "constant")

@@ -128,6 +128,8 @@ class DataConfig:
     resolution: int = 1024
     caption_column: str = "text"
     image_column: str = "image_bytes"
+    #: editing families: the parquet column of the reference images (raw bytes, like image_column)
+    reference_column: str = "reference_bytes"
     shuffle: bool = True
     num_workers: int = 2
     #: safetensors file with the text embeddings of the empty prompt (precomputed datasets)

@@ -9,6 +9,13 @@ safetensors blob per row: ``latents`` (one tensor ``latents`` [C, h, w]) and ``t
 (the model's text tensors by name, e.g. ``prompt_embeds``, ``pooled_prompt_embeds``); then the
 VAE / text encoders are not needed for training. ``tensor_bytes``/``tensors_from_bytes`` write
 and read those blobs. Sharding across ranks: ``DistributedSampler``.
+
+Editing families (``reference=True``) train on (reference image, target image, caption) triples:
+an image folder holding ``<name>.png`` (the target), ``<name>_ref.png`` (the reference, any
+image suffix) and ``<name>.txt``; or a parquet file with a reference image column beside the
+target's (``data.reference_column``, default ``reference_bytes``). The reference gets the
+target's resize and center crop, so the two stay aligned. Precomputed columns are refused for
+them (the text encoding of Qwen-Image-Edit reads the reference image), and so is a prompts file.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
 LATENTS, TEXT_EMBEDS = "latents", "text_embeds"
+#: an editing dataset's row: the reference image's pixels (besides the target's ``pixel_values``)
+REFERENCE = "reference_values"
+#: a folder dataset's reference image of ``<name>.png``: ``<name>_ref.<suffix>``
+REF_SUFFIX = "_ref"
 
 
 def tensor_bytes(tensors: Dict[str, torch.Tensor]) -> bytes:
@@ -61,13 +72,27 @@ def load_image(data, resolution: int) -> torch.Tensor:
 class ParquetDataset(Dataset):
     """Rows of a parquet file, read one row group at a time (the last one is cached)."""
 
-    def __init__(self, path, resolution: int, caption_column: str = "text", image_column: str = "image_bytes"):
+    def __init__(self, path, resolution: int, caption_column: str = "text", image_column: str = "image_bytes",
+                 reference_column: Optional[str] = None):
         import pyarrow.parquet as pq
 
         self.path, self.resolution = str(path), resolution
         self.file = pq.ParquetFile(self.path)
         names = set(self.file.schema_arrow.names)
-        self.columns = {}  # field → column: precomputed when present, else the raw one
+        if reference_column is not None:  # an editing family: raw (reference, target, caption) rows
+            pre = sorted(names & {LATENTS, TEXT_EMBEDS})
+            if pre:
+                raise ValueError(f"{path}: precomputed {pre} columns: an editing family trains on raw images (its "
+                                 "text encoding reads the reference image); give the reference, target and caption "
+                                 "columns")
+            missing = [f"{what} column {col!r} (data.{what}_column)" for what, col in
+                       (("reference", reference_column), ("image", image_column), ("caption", caption_column))
+                       if col not in names]
+            if missing:
+                raise ValueError(f"{path}: an editing family trains on (reference, target, caption) rows; missing "
+                                 f"{', '.join(missing)}; has {sorted(names)}")
+        self.columns = {} if reference_column is None else {"reference": reference_column}
+        # field → column: precomputed when present, else the raw one
         for field, raw, what in ((LATENTS, image_column, "image"), (TEXT_EMBEDS, caption_column, "caption")):
             if field in names:
                 self.columns[field] = field
@@ -103,6 +128,8 @@ class ParquetDataset(Dataset):
             raise IndexError(index)
         row = self._row(index)
         out = {}
+        if "reference" in row:
+            out[REFERENCE] = load_image(row["reference"], self.resolution)
         if LATENTS in row:
             out[LATENTS] = tensors_from_bytes(row[LATENTS])[LATENTS]
         elif "image" in row:
@@ -179,14 +206,31 @@ def _caption(p: pathlib.Path) -> pathlib.Path:
 
 
 class FolderDataset(Dataset):
-    """Images in a folder (recursively), each with a caption in a .txt file of the same stem."""
+    """Images in a folder (recursively), each with a caption in a .txt file of the same stem;
+    with `reference` (editing families) each target ``<name>.*`` also has ``<name>_ref.*``."""
 
-    def __init__(self, path, resolution: int):
+    def __init__(self, path, resolution: int, reference: bool = False):
         root = pathlib.Path(path)
         self.resolution = resolution
-        self.images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        refs = {p for p in found if p.stem.endswith(REF_SUFFIX) and _reference_target(p, found) is not None}
+        self.images = [p for p in found if p not in refs] if reference else found
         if not self.images:
             raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        self.references: List[pathlib.Path] = []
+        if reference:
+            by_target = {_reference_target(r, found): r for r in refs}
+            lacking = [p for p in self.images if p not in by_target]
+            if lacking:
+                raise ValueError(f"{root}: an editing family trains on (reference, target, caption) triples; "
+                                 f"{len(lacking)} images have no reference image, e.g. {lacking[0].name} needs "
+                                 f"{lacking[0].stem}{REF_SUFFIX}{lacking[0].suffix} beside it")
+            self.references = [by_target[p] for p in self.images]
+        elif refs and any(not r.with_suffix(".txt").is_file() for r in refs):
+            r = sorted(refs)[0]
+            raise ValueError(f"{root}: editing data ({r.name} is the reference image of {r.stem[:-len(REF_SUFFIX)]}.*), "
+                             "but the model is not an editing family: train qwen-image-edit, qwen-image-edit-plus "
+                             "or flux-kontext on it")
         missing = [p for p in self.images if not p.with_suffix(".txt").is_file()]
         if missing:
             raise ValueError(f"{root}: {len(missing)} images without a caption file, e.g. "
@@ -197,8 +241,16 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         p = self.images[index]
-        return {"pixel_values": load_image(p, self.resolution),
-                "text": p.with_suffix(".txt").read_text().strip()}
+        out = {"pixel_values": load_image(p, self.resolution), "text": p.with_suffix(".txt").read_text().strip()}
+        if self.references:
+            out[REFERENCE] = load_image(self.references[index], self.resolution)
+        return out
+
+
+def _reference_target(ref: pathlib.Path, images: List[pathlib.Path]) -> Optional[pathlib.Path]:
+    """The target image ``<name>.*`` of a reference ``<name>_ref.*`` among `images`, or None."""
+    stem = ref.stem[:-len(REF_SUFFIX)]
+    return next((p for p in images if p.parent == ref.parent and p.stem == stem), None) if stem else None
 
 
 # A prompts file is checked on its first lines: one that is really something else (JSON lines,
@@ -253,11 +305,12 @@ class PromptsDataset(Dataset):
         return {"text": self.prompts[index]}
 
 
-def open_dataset(path, cfg, video: bool = False) -> Dataset:
+def open_dataset(path, cfg, video: bool = False, reference: bool = False) -> Dataset:
     """A parquet file, an image folder or a prompts .txt file, per `cfg` (a DataConfig). A
     parquet without an image column, like the .txt file, gives prompts only (image-free training).
     `video` (a video family): a folder holds clips and images (``ClipFolderDataset``); a
-    parquet's images are 1-frame clips, its precomputed latents [C, F, h, w]."""
+    parquet's images are 1-frame clips, its precomputed latents [C, F, h, w]. `reference` (an
+    editing family): rows are (reference, target, caption) triples (module doc)."""
     p = pathlib.Path(path)
     if not p.exists():
         raise ValueError(f"--dataset-path: {path} does not exist (expected a .parquet file, an image folder or a "
@@ -265,14 +318,19 @@ def open_dataset(path, cfg, video: bool = False) -> Dataset:
     if p.is_dir():
         if video:
             return ClipFolderDataset(p, cfg.resolution, cfg.num_frames, cfg.frame_stride)
-        return FolderDataset(p, cfg.resolution)
+        return FolderDataset(p, cfg.resolution, reference=reference)
     if p.is_file() and p.suffix == ".parquet":
-        data = ParquetDataset(p, cfg.resolution, cfg.caption_column, cfg.image_column)
+        data = ParquetDataset(p, cfg.resolution, cfg.caption_column, cfg.image_column,
+                              cfg.reference_column if reference else None)
         if video and cfg.num_frames > 1 and "image" in data.columns:
             raise ValueError(f"{path}: its images are 1-frame clips, while data.num_frames = {cfg.num_frames}: use "
                              "data.num_frames: 1, a clip folder, or precomputed latents [C, F, h, w]")
         return data
     if p.is_file() and p.suffix == ".txt":
+        if reference:
+            raise ValueError(f"--dataset-path: {path} is a prompts file, but an editing family trains on (reference, "
+                             "target, caption) triples: an image folder (<name>.png, <name>_ref.png, <name>.txt) or "
+                             "a parquet with a reference column")
         return PromptsDataset(p)
     raise ValueError(f"--dataset-path: expected a .parquet file, an image folder or a prompts .txt file, got {path}")
 

@@ -97,6 +97,7 @@ class TextEncoder:
     def __init__(self, cfg, family: Backbone, device, dtype: torch.dtype):
         from twinflow.pipelines import _quantization, align_pipeline, component_overrides, dtype_kwargs
 
+        family.check_environment()
         root = cfg.model.pretrained_model_name_or_path
         left_out = component_overrides(family, pathlib.Path(root), {})  # e.g. SD3 saved without T5
         quant = getattr(cfg.model, "quantization", None)
@@ -111,7 +112,10 @@ class TextEncoder:
         self.family, self.device = family, device
 
     @torch.no_grad()
-    def __call__(self, texts: List[str]) -> Dict[str, torch.Tensor]:
+    def __call__(self, texts: List[str], references=None) -> Dict[str, torch.Tensor]:
+        """The text tensors of `texts`; an editing family's also read `references` (one image each)."""
+        if self.family.edit:
+            return self.family.encode_text(self.pipe, list(texts), self.device, references=references)
         return self.family.encode_text(self.pipe, list(texts), self.device)
 
 

@@ -97,7 +97,11 @@ class Trainer:
         self.loss_fn = TwinFlowLoss(cfg.twinflow.recipe, **cfg.twinflow.settings())
 
         # data
-        self.dataset = open_dataset(dataset_path, cfg.data, video=self.family.video)
+        if self.family.edit and cfg.data.null_text_embeds is not None:
+            raise ValueError(f"data.null_text_embeds: {self.family.name} is an editing family: its unconditional "
+                             "text is encoded per batch with the reference images (precomputed embeddings are not "
+                             "used for editing families); leave it null")
+        self.dataset = open_dataset(dataset_path, cfg.data, video=self.family.video, reference=self.family.edit)
         self.loader = make_loader(self.dataset, batch_size=t.batch_size, world=d.world, rank=d.rank,
                                   shuffle=cfg.data.shuffle, seed=t.seed, num_workers=cfg.data.num_workers)
         # bf16 autocast where the device has it; elsewhere everything runs in float32 (frozen
@@ -113,7 +117,8 @@ class Trainer:
         self.latent_shape = None
         if "pixel_values" not in first and "latents" not in first:
             self.latent_shape = self._prompts_only_latent_shape()
-        self.null = self._null_embeds(load_null_embeds(cfg.data.null_text_embeds))
+        # an editing family's unconditional text may read the reference: encoded per batch (_batch)
+        self.null = None if self.family.edit else self._null_embeds(load_null_embeds(cfg.data.null_text_embeds))
 
         # model, teacher, wrapping, optimizer
         transformer = load_transformer(cfg, self.family, lora=self.lora, frozen_dtype=self.frozen_dtype,
@@ -225,11 +230,27 @@ class Trainer:
             g = torch.Generator(self.d.device).manual_seed(shard_seed(self.cfg.training.seed, step, shard_index, 1))
             with torch.no_grad():
                 x = self.family.encode_latents(self.vae, batch["pixel_values"].to(self.d.device), g)
+        if self.family.edit:
+            return (x, *self._edit_conditioning(batch))
         with torch.no_grad():
             embeds = batch["text_embeds"] if "text_embeds" in batch else self.text_encoder(batch["text"])
         cond = self._to_cond(embeds)
         uncond = None if self.null is None else [u.expand(x.shape[0], *u.shape[1:]) for u in self.null]
         return x, cond, uncond
+
+    @torch.no_grad()
+    def _edit_conditioning(self, batch):
+        """(cond, uncond) of an editing family: the text tensors read with the reference images, then
+        the reference latents (posterior mode, as the edit pipelines encode them; never noised); the
+        unconditional branch is the family's null text, with the same references (the published
+        Qwen-Image-Edit recipe, diffusers_patch/qwen_image_edit.py)."""
+        from .data import REFERENCE
+
+        refs = batch[REFERENCE].to(self.d.device)
+        ref = self.family.encode_latents(self.vae, refs, None).float()
+        cond = self._to_cond(self.text_encoder(batch["text"], references=refs)) + [ref]
+        uncond = self._to_cond(self.text_encoder(list(self.family.null_texts) * len(refs), references=refs)) + [ref]
+        return cond, uncond
 
     # ------------------------------------------------------------------ data stream
 
