@@ -77,9 +77,6 @@ VARIANTS = {
     "er0_s1_decay8k": _variant("as er0_const_seed1 to 8000 steps, then lr cosine-decayed to 0 over 2000 steps", 0.0,
                                seed=1, lr_schedule="cosine", lr_decay_steps=2000, lr_decay_start=8000,
                                branch_from="runs/study/er0_const_seed1_at8000"),
-    "er0_decay8570": _variant("as er0_const to 8570 steps, then lr cosine-decayed to 0 over 2000 steps", 0.0,
-                              lr_schedule="cosine", lr_decay_steps=2000, lr_decay_start=8570,
-                              branch_from="runs/study/er0_const_at8570"),
     # For a GPU (bench/gpu_mnist_study.sh): the cosine over 10000 steps.
     "er0_cos10k": _variant("enhanced_ratio 0, lr 2e-4 cosine-decayed to 0 over 10000 steps", 0.0,
                            lr_schedule="cosine", lr_decay_steps=10000),
@@ -296,7 +293,7 @@ def plot(out: Path) -> None:
             rows = [r for r in _rows(name) if r["nfe"] == nfe and r["num_samples"] < 10000]
             if rows:  # the long runs in strong colours of their own, the short ones in tab20's
                 long = {"er0_const": "tab:red", "er0_const_seed1": "tab:orange", "er0_cos4k": "tab:blue",
-                        "er0_cos10k": "tab:green"}
+                        "er0_cos10k": "tab:green", "er0_s1_decay8k": "tab:purple", "er0_s1_tail2k": "tab:brown"}
                 ax.plot([r["total_steps"] - 1500 for r in rows], [r["fid"] for r in rows], marker="o", ms=3,
                         color=long.get(name, plt.cm.tab20(i % 20)), lw=2.2 if name in long else 1.0, label=name)
         if "fid_50step_2k" in ref:
