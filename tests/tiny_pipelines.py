@@ -94,6 +94,16 @@ def family_inputs(model: str, transformer, batch: int, seed: int = 4):
     return x, cond
 
 
+def perturb(module, seed: int = 5, prefix: str = "") -> None:
+    """Add 0.5·N(0, 1) noise (seeded) to `module`'s parameters whose names start with `prefix`:
+    trained-looking weights, e.g. an aux embedder whose term must still vanish at tt = t."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith(prefix):
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+
+
 def reference_image(size: int = TEST_SIZE, seed: int = 0):
     """A seeded random RGB image: the reference image of the editing families' tests."""
     import numpy as np

@@ -32,7 +32,8 @@ import copy
 import pytest
 import torch
 
-from tiny_pipelines import BACKBONES as IMAGE_BACKBONES, build_transformer, family_inputs, one_thread, saved_pipeline  # noqa: F401
+from tiny_pipelines import (BACKBONES as IMAGE_BACKBONES, build_transformer, family_inputs, one_thread,  # noqa: F401
+                            perturb, saved_pipeline)
 from twinflow.tiny import VIDEO_BACKBONES
 from twinflow import diffusers_patch, load_pipeline
 from twinflow.training.models import TwinFlowModel
@@ -49,14 +50,6 @@ def _inputs(model, transformer):
     an editing family's reference latents last), built from the family's config
     (tiny_pipelines.family_inputs)."""
     return family_inputs(model, transformer, B)
-
-
-def _perturb(module, prefix):
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.startswith(prefix):
-                p.add_(0.5 * torch.randn(p.shape, generator=g))
 
 
 def _call(net, x, t, tt, cond):
@@ -81,13 +74,13 @@ def _setup(model, mode):
 @pytest.mark.parametrize("model", BACKBONES)
 def test_aux_mode_is_the_stock_model_at_tt_equal_t_and_uses_its_weights(model):
     bb, stock, x, cond, patched = _setup(model, "aux")
-    _perturb(patched, bb.aux_prefix)
+    perturb(patched, seed=7, prefix=bb.aux_prefix)
     ref = _stock(bb, stock, x, T, cond)
     net = TwinFlowModel(patched, bb)
     assert torch.equal(_call(net, x, T, T, cond), ref)
     moved = _call(net, x, T, TT, cond)
     assert not torch.allclose(moved, ref, atol=1e-5)
-    _perturb(patched, bb.aux_prefix)
+    perturb(patched, seed=7, prefix=bb.aux_prefix)
     assert not torch.allclose(_call(net, x, T, TT, cond), moved, atol=1e-5)
 
 

@@ -23,7 +23,7 @@ import math
 import pytest
 import torch
 
-from tiny_pipelines import build_transformer, one_thread  # noqa: F401 (autouse fixture)
+from tiny_pipelines import build_transformer, one_thread, perturb  # noqa: F401 (autouse fixture)
 from twinflow import diffusers_patch
 from twinflow.diffusers_patch import chroma
 
@@ -61,13 +61,6 @@ class Case:
 @pytest.fixture
 def case():
     return Case()
-
-
-def _perturb(module, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
 
 
 # ----------------------------------------------------------------------------- float64 transcription
@@ -109,7 +102,7 @@ def approximator(a, x):
 def test_invariant_tt_none_and_tt_equal_t(case):
     stock = copy.deepcopy(case.model)
     chroma.patch(case.model)
-    _perturb(case.model.distilled_guidance_layer_2)
+    perturb(case.model.distilled_guidance_layer_2)
     ref = case.out(stock, T)
     diffusers_patch.set_target_time(case.model, None)
     assert torch.equal(case.out(case.model, T), ref)
@@ -123,7 +116,7 @@ def test_invariant_in_bfloat16_with_rounded_times(case):
     t = torch.tensor([0.3, 0.7, 0.123, -0.41])
     stock = copy.deepcopy(case.model).to(torch.bfloat16)
     chroma.patch(case.model)
-    _perturb(case.model.distilled_guidance_layer_2)
+    perturb(case.model.distilled_guidance_layer_2)
     case.model.to(torch.bfloat16)
     diffusers_patch.set_target_time(case.model, t.clone())
     assert torch.equal(case.out(case.model, t), case.out(stock, t))
@@ -131,7 +124,7 @@ def test_invariant_in_bfloat16_with_rounded_times(case):
 
 def test_aux_term_matches_a_float64_transcription(case):
     chroma.patch(case.model)
-    _perturb(case.model.distilled_guidance_layer_2)
+    perturb(case.model.distilled_guidance_layer_2)
     diffusers_patch.set_target_time(case.model, TT)
     got = case.pooled_temb(case.model, T)
     m = case.model

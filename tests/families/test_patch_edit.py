@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from checks import expect_error
-from tiny_pipelines import build_transformer, family_inputs, one_thread  # noqa: F401 (autouse fixture)
+from tiny_pipelines import build_transformer, family_inputs, one_thread, perturb  # noqa: F401 (autouse fixture)
 from twinflow import diffusers_patch
 from twinflow.diffusers_patch.flux import Flux
 from twinflow.diffusers_patch.qwen_image import QwenImage
@@ -39,13 +39,6 @@ T = torch.tensor([0.875, 0.5, 0.25])
 #: target times: 0 (the one-step jump), between, equal to t, and above t
 TTS = [torch.zeros(3), torch.tensor([0.25, 0.125, 0.0625]), T.clone(), torch.tensor([1.0, 0.75, 0.5])]
 F64 = torch.float64
-
-
-def _perturb(module, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
 
 
 def _qwen(zero_cond_t: bool):
@@ -87,7 +80,7 @@ def test_qwen_reference_half_is_the_stock_embedding_at_zero_whatever_tt(mode):
     stock_embed = copy.deepcopy(stock.time_text_embed)
     patched = family.patch(copy.deepcopy(stock), mode=mode)
     if mode == "aux":
-        _perturb(patched.time_text_embed_2)
+        perturb(patched.time_text_embed_2)
     hook = Embeddings(patched.time_text_embed)
     for tt in TTS:
         hook.seen.clear()
@@ -114,7 +107,7 @@ def test_qwen_without_zero_cond_t_the_reference_shares_the_target_embedding():
     family = diffusers_patch.backbone("qwen-image-edit")
     stock, x, cond = _qwen(zero_cond_t=False)
     patched = family.patch(copy.deepcopy(stock))
-    _perturb(patched.time_text_embed_2)
+    perturb(patched.time_text_embed_2)
     hook = Embeddings(patched.time_text_embed)
     tt = TTS[1]
     _run(family, patched, x, T, tt, cond)
@@ -140,7 +133,7 @@ def test_kontext_one_embedding_for_target_and_reference_tokens(mode):
     stock_embed = copy.deepcopy(stock.time_text_embed)
     patched = family.patch(copy.deepcopy(stock), mode=mode)
     if mode == "aux":
-        _perturb(patched.time_text_embed_2)
+        perturb(patched.time_text_embed_2)
     hook = Embeddings(patched.time_text_embed)
     tt = TTS[1]
     _run(family, patched, x, T, tt, cond)

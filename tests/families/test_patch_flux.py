@@ -19,7 +19,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
+from tiny_pipelines import one_thread, perturb  # noqa: F401 (autouse fixture)
 from twinflow import diffusers_patch
 from twinflow.diffusers_patch import flux
 
@@ -63,17 +63,10 @@ def case(request):
     return Case(request.param)
 
 
-def _perturb(module, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-
-
 def test_invariant_tt_none_and_tt_equal_t(case):
     stock = copy.deepcopy(case.model)
     flux.patch(case.model, mode="aux")
-    _perturb(case.model.time_text_embed_2)
+    perturb(case.model.time_text_embed_2)
     for t in TIMES:
         ref = case.out(stock, t)
         diffusers_patch.set_target_time(case.model, None)
@@ -85,7 +78,7 @@ def test_invariant_tt_none_and_tt_equal_t(case):
 def test_aux_term_matches_a_float64_evaluation(case):
     stock_emb = copy.deepcopy(case.model.time_text_embed)
     flux.patch(case.model)
-    _perturb(case.model.time_text_embed_2)
+    perturb(case.model.time_text_embed_2)
     t, tt = torch.tensor([0.8, 0.6]), torch.tensor([0.3, 0.0])
     diffusers_patch.set_target_time(case.model, tt)
     got = case.embed(case.model.time_text_embed, t)

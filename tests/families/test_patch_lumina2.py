@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from tiny_pipelines import build, build_transformer, one_thread  # noqa: F401 (autouse fixture)
+from tiny_pipelines import build, build_transformer, one_thread, perturb  # noqa: F401 (autouse fixture)
 from twinflow import diffusers_patch
 from twinflow.diffusers_patch import lumina2
 
@@ -52,13 +52,6 @@ class Case:
 @pytest.fixture
 def case():
     return Case()
-
-
-def _perturb(module, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
 
 
 def lumina_time(t):
@@ -100,7 +93,7 @@ def test_the_pipeline_feeds_one_minus_sigma_and_the_mapping_keeps_signs():
 def test_invariant_tt_none_and_tt_equal_t(case):
     stock = copy.deepcopy(case.model)
     lumina2.patch(case.model)
-    _perturb(case.model.time_caption_embed_2)
+    perturb(case.model.time_caption_embed_2)
     t = torch.tensor([0.3, 0.7, 0.123, -0.41])  # not dyadic: the read-back must still give tt = t
     ref = case.out(stock, lumina2.to_model_time(t))
     diffusers_patch.set_target_time(case.model, None)
@@ -112,7 +105,7 @@ def test_invariant_tt_none_and_tt_equal_t(case):
 def test_aux_term_matches_a_float64_transcription(case):
     stock = copy.deepcopy(case.model)
     lumina2.patch(case.model)
-    _perturb(case.model.time_caption_embed_2)
+    perturb(case.model.time_caption_embed_2)
     diffusers_patch.set_target_time(case.model, TT)
     temb, caption = case.embed(case.model, lumina2.to_model_time(T))
     m = case.model

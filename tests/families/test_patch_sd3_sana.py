@@ -29,6 +29,7 @@ import torch
 from diffusers import SanaTransformer2DModel, SD3Transformer2DModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from tiny_pipelines import perturb  # noqa: E402
 from twinflow import diffusers_patch  # noqa: E402
 from twinflow.diffusers_patch import sana, sd3  # noqa: E402
 from twinflow.diffusers_patch._common import is_patched, patched_mode  # noqa: E402
@@ -98,13 +99,6 @@ def _t2(t):
     return torch.tensor(t, dtype=torch.float32)
 
 
-def _perturb(module, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-
-
 def _as_tuple(e):
     return e if isinstance(e, tuple) else (e,)
 
@@ -114,7 +108,7 @@ def _as_tuple(e):
 def test_invariant_tt_none_and_tt_equal_t(case):
     stock = copy.deepcopy(case.model)
     case.mod.patch(case.model, mode="aux")
-    _perturb(case.aux(case.model))  # a trained-looking aux embedder must still vanish at tt = t
+    perturb(case.aux(case.model))  # a trained-looking aux embedder must still vanish at tt = t
     for t in TIMES:
         ts = case.timestep(_t2(t))
         ref = case.out(stock, ts)
@@ -148,7 +142,7 @@ def test_aux_term_matches_spec_and_uses_aux_weights(case):
                            if not k.startswith(case.mod.AUX_PREFIX)})
     o_stock, o1 = case.out(stock, ts), case.out(case.model, ts)
     assert not torch.allclose(o1, o_stock, atol=1e-5), "tt ≠ t must change the output"
-    _perturb(case.aux(case.model))
+    perturb(case.aux(case.model))
     o2 = case.out(case.model, ts)
     assert not torch.allclose(o2, o1, atol=1e-5), "the aux weights must be used"
     diffusers_patch.set_target_time(case.model, ts / case.scale)
@@ -176,7 +170,7 @@ def test_state_dict_keys_and_save_load(case, tmp_path):
             assert abs(float(a.mean())) < 0.01 and abs(float(a.std()) - 0.02) < 0.004, f"aux {k}: not N(0, 0.02)"
     assert case.model.num_parameters() == n_stock + n_main
 
-    _perturb(case.aux(case.model))
+    perturb(case.aux(case.model))
     tt = torch.tensor([0.2])
     diffusers_patch.set_target_time(case.model, tt)
     ts = case.timestep(_t2((0.9, 0.5)))
@@ -291,7 +285,7 @@ def test_deepcopy_is_wired_to_the_copy(case):
     o = case.out(case.model, ts)
     twin = copy.deepcopy(case.model)
     assert torch.equal(case.out(twin, ts), o)
-    _perturb(case.aux(twin))
+    perturb(case.aux(twin))
     diffusers_patch.set_target_time(twin, torch.tensor([0.1]))
     assert torch.equal(case.out(case.model, ts), o), "the original must not see the copy's aux or tt"
     assert not torch.allclose(case.out(twin, ts), o, atol=1e-5)
@@ -363,7 +357,7 @@ def test_sd3_pipeline_mul_style_equals_stock(sd3_pipe_parts, steps, kw):
     Sched, tr, _, _ = sd3_pipe_parts
     stock_img = _run(sd3_pipe_parts, tr, Sched.preset("2-nfe", sampling_style="mul", **kw), steps)
     patched = sd3.patch(copy.deepcopy(tr))
-    _perturb(patched.time_text_embed_2)
+    perturb(patched.time_text_embed_2)
     scheduler = Sched.preset("2-nfe", sampling_style="mul", **kw)
     diffusers_patch.set_target_time(patched, scheduler.tt)
     tts = []

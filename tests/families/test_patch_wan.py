@@ -22,7 +22,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from checks import expect_error
-from tiny_pipelines import one_thread  # noqa: F401 (autouse fixture)
+from tiny_pipelines import one_thread, perturb  # noqa: F401 (autouse fixture)
 from twinflow import diffusers_patch
 from twinflow.diffusers_patch import wan
 from twinflow.tiny import build_transformer
@@ -52,18 +52,11 @@ def case():
     return Case()
 
 
-def _perturb(module, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-
-
 @pytest.mark.parametrize("per_token", [False, True], ids=["per-row", "per-token"])
 def test_invariant_tt_none_and_tt_equal_t(case, per_token):
     stock = copy.deepcopy(case.model)
     wan.patch(case.model, mode="aux")
-    _perturb(case.model.condition_embedder_2)
+    perturb(case.model.condition_embedder_2)
     for t in ([0.9, 0.9], [0.6, 0.25], [1.0, 0.0], [-0.4, 0.7]):
         ref = case.out(stock, t, per_token)
         diffusers_patch.set_target_time(case.model, None)
@@ -86,7 +79,7 @@ def _float64_embedding(stock_embed, aux, t, tt):
 def test_aux_embedding_matches_a_float64_evaluation(case, per_token):
     stock_embed = copy.deepcopy(case.model.condition_embedder)
     wan.patch(case.model)
-    _perturb(case.model.condition_embedder_2)
+    perturb(case.model.condition_embedder_2)
     diffusers_patch.set_target_time(case.model, TT)
     ts, seq = (T * 1000, None) if not per_token else ((T * 1000).repeat_interleave(3), 3)
     with torch.no_grad():
@@ -104,7 +97,7 @@ def test_aux_embedding_matches_a_float64_evaluation(case, per_token):
 
 def test_per_token_timesteps_equal_one_timestep_per_row(case):
     wan.patch(case.model)
-    _perturb(case.model.condition_embedder_2)
+    perturb(case.model.condition_embedder_2)
     diffusers_patch.set_target_time(case.model, TT)
     torch.testing.assert_close(case.out(case.model, T, per_token=True), case.out(case.model, T), rtol=1e-5, atol=1e-5)
     diffusers_patch.set_target_time(case.model, torch.tensor(0.0))  # a scheduler's one tt for the batch
