@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod fused;
 pub mod grid;
+pub mod lanes;
 pub mod pool;
 pub mod sampler;
 pub mod stepper;
