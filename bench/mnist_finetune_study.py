@@ -12,6 +12,7 @@ there is not measured again, so a stopped study continues where it stopped.
     python bench/mnist_finetune_study.py gap er0_cos4k      # by class: accuracy, diversity, sharpness
     python bench/mnist_finetune_study.py plot               # docs/mnist/finetune_study.png
     python bench/mnist_finetune_study.py table              # the final rows as a Markdown table
+    python bench/mnist_finetune_study.py ship er0_const_seed1  # its checkpoint becomes the shipped `twinflow` one
 
 Equivalent command of a variant (e.g. er05_frozen at 1000 steps):
 
@@ -321,6 +322,44 @@ def table() -> None:
                   f"{by_nfe[2]['fid']:.1f} | {by_nfe[1]['accuracy']:.3f} | {by_nfe[1]['train_s']:.0f} |")
 
 
+SHIPPED_TWINFLOW = ROOT / "python" / "twinflow" / "tutorials" / "mnist" / "weights" / "twinflow"
+
+
+def ship(name: str, runs: Path, threads: int, dest: Path = SHIPPED_TWINFLOW) -> None:
+    """Make variant `name`'s current checkpoint the shipped `twinflow` one: its sampling weights
+    and config (no optimizer state), with the command that trains it, and the 10k-sample
+    metrics at 1, 2 and 4 NFE measured on the copy."""
+    import shutil
+
+    import torch
+
+    from twinflow.tutorials.mnist.evaluate import evaluate
+
+    torch.set_num_threads(threads)
+    src = runs / name
+    config = json.loads((src / "config.json").read_text())
+    st = config["settings"]
+    if config["status"] != "finished":
+        raise ValueError(f"{src}: the run is not finished ({config['status']})")
+    steps = config["progress"]["step"]
+    loss = " ".join(f"--loss {k}={v}" for k, v in st["loss_overrides"].items())
+    config["command"] = (
+        f"twinflow mnist train --init-from flow_matching --lr {st['lr']:g} --max-steps {steps} --epochs 100 "
+        f"--seed {st['seed']} --threads 2 --checkpoint-every 100000 {loss} --output-dir runs/study/{name}")
+    config["run_note"] = (
+        f"run as variant {name} of bench/mnist_finetune_study.py (python bench/mnist_finetune_study.py run {name} "
+        f"--threads 2 --at $(seq 250 250 {steps})): the same settings, continued to each --at step and scored "
+        "there; resuming is exact, so the weights are those of one uninterrupted run of the command")
+    config["study"] = f"docs/mnist.md, 'Long unguided fine-tunes'; variant {name} of bench/mnist_finetune_study.py"
+    config["metrics_command"] = "twinflow mnist evaluate --checkpoint twinflow --steps 1 2 4 --num-samples 10000"
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "model.safetensors", dest / "model.safetensors")
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    config["metrics"] = evaluate(dest, steps=[1, 2, 4], num_samples=10000, progress=False)
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    print(json.dumps(config["metrics"], indent=1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -349,6 +388,10 @@ def main(argv=None) -> int:
     pl = sub.add_parser("plot")
     pl.add_argument("--output", type=Path, default=ROOT / "docs" / "mnist" / "finetune_study.png")
     sub.add_parser("table")
+    sh = sub.add_parser("ship", help="make a variant's checkpoint the shipped `twinflow` one (and measure it)")
+    sh.add_argument("variant", choices=sorted(VARIANTS))
+    sh.add_argument("--threads", type=int, default=2)
+    sh.add_argument("--runs", type=Path, default=ROOT / "runs" / "study")
     args = p.parse_args(argv)
     if args.cmd == "run":
         run(args.variant, sorted(args.at), args.samples, args.final_samples, args.threads, args.runs, args.device,
@@ -361,6 +404,8 @@ def main(argv=None) -> int:
         gap(args.variant, args.samples, args.threads, args.runs)
     elif args.cmd == "plot":
         plot(args.output)
+    elif args.cmd == "ship":
+        ship(args.variant, args.runs, args.threads)
     else:
         table()
     return 0
