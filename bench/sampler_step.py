@@ -15,7 +15,9 @@ over --repeats samples (each the mean of --number back-to-back calls):
   ours-out     the same with a preallocated out= (check_finite=True, the default: the
                kernel also reports whether every output is finite, in the same pass)
   ours-out unchecked   the same with check_finite=False: the kernel without the
-               finite flag, so "ours-out" minus this row is the cost of the check
+               finite flag. The check's cost is measured in a second table, the two
+               variants timed in ABBA rounds (the interleaved order favours whichever
+               runs second)
   ours-out [rayon pool]   the same kernel run on a separate rayon pool instead of
                torch's OpenMP pool (the default; see src/pool.rs)
   (a)          diffusers FlowMatchEulerDiscreteScheduler.step(v, t, x, return_dict=False)
@@ -99,6 +101,30 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int, number:
                 fn()
             samples[name].append((clock() - t0) / number / 1e3)
     return samples
+
+
+def time_paired(checked: Callable[[], object], unchecked: Callable[[], object], repeats: int,
+                number: int) -> Tuple[float, float, float]:
+    """The cost of the finite check alone: (checked µs, unchecked µs, median of the per-round
+    ratios). Each round times checked, unchecked, unchecked, checked (ABBA), so both variants
+    follow each method equally often: in the interleaved table above "ours-out" always runs
+    right after "ours-fresh", whose fresh output evicts the cache, and "unchecked" right after
+    "ours-out", on warm arrays, which biased the earlier comparisons against the check."""
+    clock = time.perf_counter_ns
+    a: List[float] = []
+    b: List[float] = []
+    ratios: List[float] = []
+    for _ in range(repeats):
+        t = []
+        for fn in (checked, unchecked, unchecked, checked):
+            t0 = clock()
+            for _ in range(number):
+                fn()
+            t.append((clock() - t0) / number / 1e3)
+        a += [t[0], t[3]]
+        b += [t[1], t[2]]
+        ratios.append((t[0] + t[3]) / (t[1] + t[2]))
+    return statistics.median(a), statistics.median(b), statistics.median(ratios)
 
 
 def _check(label: str, got: torch.Tensor, want: torch.Tensor, problems: List[str]) -> None:
@@ -197,6 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     header = ("shape", "s", "method", "median µs", "IQR µs", "× copy", "× BW floor", "GB/s", "vs (a)")
     rows: List[Tuple[str, ...]] = []
+    check_rows: List[Tuple[str, ...]] = []
     problems: List[str] = []
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -282,6 +309,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             arrays["(c) copy_"] = 2
 
             samples = time_interleaved(fns, args.repeats, args.number, args.warmup)
+            if ucgm_step is not None:
+                c, u, r = time_paired(fns["ours-out"], fns["ours-out unchecked"], args.repeats, args.number)
+                check_rows.append((shape_s, f"{s:g}", f"{c:.1f}", f"{u:.1f}", f"{r:.3f}"))
             med = {k: statistics.median(vs) for k, vs in samples.items()}
             copy_us = med["(c) copy_"]
             base = med.get(label_a) if sched is not None else None
@@ -299,6 +329,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print()
+    if check_rows:
+        print("The finite check's cost: `ours-out` (check_finite=True) against `ours-out unchecked`, "
+              "timed in ABBA rounds (see time_paired); ratio = median over rounds of checked / unchecked.")
+        print()
+        print("| shape | s | checked µs | unchecked µs | checked / unchecked |")
+        print("|---|---|---:|---:|---:|")
+        for r in check_rows:
+            print("| " + " | ".join(r) + " |")
+        print()
     if problems:
         print("CROSS-CHECK FAILURES (results differ from the float64 reference beyond 1e-5 relative):")
         for p in problems:
