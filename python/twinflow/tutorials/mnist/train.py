@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ... import __version__
-from ...losses import TwinFlowLoss
+from ...losses import LOSS_SETTINGS, TwinFlowLoss
 from .checkpoint import load_train_state, load_weights, read_config, save_checkpoint, shipped_checkpoint
 from .data import load_mnist
 from .unet import MnistUNet
@@ -80,6 +80,11 @@ class TrainSettings:
                              f"{self.lr_decay_start}, lr_schedule {self.lr_schedule!r}")
         if self.train_subset is not None and self.train_subset < self.batch_size:
             raise ValueError(f"train_subset ({self.train_subset}) must be >= batch_size ({self.batch_size})")
+        known = [s["name"] for s in LOSS_SETTINGS]
+        unknown = sorted(set(self.loss_overrides) - set(known))
+        if unknown:
+            raise ValueError(f"loss_overrides: no loss setting named {', '.join(map(repr, unknown))}; "
+                             f"the settings are {', '.join(known)}")
 
 
 def lr_at(s: TrainSettings, step: int) -> float:
