@@ -1,6 +1,23 @@
 """Shared test helpers: an expected Python exception, never a Rust panic; the sampler settings
 that shape the sampling path."""
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str) -> ModuleType:
+    """A repository script that is not part of the package (bench/*.py, .ci/stubgen.py),
+    imported from its file."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 # The UnifiedSampler settings saved with a model (every one but the execution switches
 # use_fused_kernel and check_finite), in the order of the settings table.
 PATH_SETTINGS = (

@@ -8,13 +8,13 @@ config is built on the meta device, and the shell script refuses to run without 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import pathlib
 import subprocess
 
 import pytest
 import torch
+from checks import load_script
 
 pytest.importorskip("diffusers")
 
@@ -22,10 +22,7 @@ BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("pipeline_nfe", BENCH / "pipeline_nfe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/pipeline_nfe.py")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -4,18 +4,13 @@ check's cost is timed in ABBA rounds (its own table), both variants on the same 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
-import pathlib
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
+from checks import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("sampler_step", BENCH / "sampler_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/sampler_step.py")
 
 
 def test_sampler_step_bench_runs_and_times_the_check_in_abba_rounds():

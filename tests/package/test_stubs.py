@@ -3,22 +3,19 @@
 function."""
 
 import importlib.resources
-import importlib.util
 import inspect
 from pathlib import Path
 
 import pytest
 
+from checks import load_script
 from twinflow import _core
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stubgen():
-    spec = importlib.util.spec_from_file_location("stubgen", ROOT / ".ci" / "stubgen.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(".ci/stubgen.py")
 
 
 def test_checked_in_stub_matches_the_built_module():
