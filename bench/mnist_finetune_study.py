@@ -354,6 +354,7 @@ def ship(name: str, runs: Path, threads: int, dest: Path = SHIPPED_TWINFLOW) -> 
     config["metrics_command"] = "twinflow mnist evaluate --checkpoint twinflow --steps 1 2 4 --num-samples 10000"
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "model.safetensors", dest / "model.safetensors")
+    # Written before the evaluation too: `evaluate` loads the copy, config included.
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     config["metrics"] = evaluate(dest, steps=[1, 2, 4], num_samples=10000, progress=False)
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
