@@ -97,7 +97,13 @@ def test_mypy_strict_accepts_a_user_script(tmp_path):
     pytest.importorskip("mypy")
     script = tmp_path / "user.py"
     script.write_text(USER_SCRIPT)
-    r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), str(script)],
+    # transformers and peft (5.5k modules, two thirds of what mypy reads here, 67 s → 40 s) appear
+    # nowhere in the script or in these classes' signatures; torch and diffusers (the scheduler's
+    # bases) are read in full.
+    config = tmp_path / "mypy.ini"
+    config.write_text("[mypy]\n[mypy-transformers.*]\nfollow_imports = skip\n[mypy-peft.*]\nfollow_imports = skip\n")
+    r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--config-file", str(config),
+                        "--cache-dir", str(tmp_path / "cache"), str(script)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)

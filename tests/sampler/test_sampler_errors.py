@@ -101,6 +101,14 @@ def test_invalid_config_sampling_loop_override(field, value):
     assert not calls, "the model was called before the configuration was validated"
 
 
+class _Opaque:
+    """A value of no accepted type, with a stable repr: pytest-xdist's workers must collect the
+    same test ids, and ``object()``'s repr carries its address."""
+
+    def __repr__(self):
+        return "<opaque>"
+
+
 WRONG_TYPES = [
     ("sampling_steps", "4"),
     ("sampling_steps", 4.5),
@@ -108,7 +116,7 @@ WRONG_TYPES = [
     ("sampling_order", "2"),
     ("sampling_order", 1.5),
     ("stochast_ratio", [0.5]),
-    ("stochast_ratio", object()),
+    ("stochast_ratio", _Opaque()),
     ("extrapol_ratio", "0.3"),
     ("extrapol_ratio", [0.3]),
     ("time_dist_ctrl", 1.0),

@@ -86,8 +86,12 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 3
 
 
 @torch.no_grad()
-def features(model: Classifier, images: torch.Tensor, batch_size: int = 1000):
-    """(features float64 [N, D], predicted classes [N])."""
+def features(model: Classifier, images: torch.Tensor, batch_size: int = 128):
+    """(features float64 [N, D], predicted classes [N]).
+
+    ``batch_size`` changes the speed only: an image's features do not depend on its batch (equal
+    here, tested to float32 rounding). 128 keeps a batch's activations in cache; 1000 ran about
+    2× slower here."""
     feats, preds = [], []
     for start in range(0, images.shape[0], batch_size):
         f = model.features(_prep(images[start:start + batch_size]))
