@@ -51,7 +51,7 @@ def _start(threads: int, tmp_path: pathlib.Path) -> subprocess.Popen:
 
 
 def _finish(runs: dict) -> int:
-    """Wait for every run; each must pass. Returns how many tests passed in each."""
+    """Wait for every run; each must pass. Returns how many tests passed (the same set in each)."""
     passed = 0
     for threads, proc in runs.items():
         try:
@@ -71,8 +71,8 @@ def _finish(runs: dict) -> int:
 @pytest.mark.slow
 def test_exact_tests_hold_at_one_and_two_threads(tmp_path, request):
     here = _exact_here_at_one_thread(request.session)
-    # Two interpreters run side by side: the results do not depend on timing, and the wall time
-    # is about one run's instead of two.
+    # Where both thread counts run here, the two interpreters run side by side: the results do
+    # not depend on timing, and the wall time is about one run's instead of two.
     passed = _finish({threads: _start(threads, tmp_path) for threads in ((2,) if here else (1, 2))})
     if 0 < here < passed:
         # This session selected only some of the exact tests: the others still need their
