@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import pathlib
 import subprocess
 
 import pytest
 import torch
-from checks import load_script
+from checks import ROOT, load_script
 
 pytest.importorskip("diffusers")
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
+BENCH = ROOT / "bench"
 
 
 def _bench():

@@ -4,14 +4,12 @@ function."""
 
 import importlib.resources
 import inspect
-from pathlib import Path
 
 import pytest
 
-from checks import load_script
+from checks import ROOT, load_script
 from twinflow import _core
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stubgen():
